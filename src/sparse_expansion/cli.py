@@ -1,0 +1,203 @@
+"""Command-line interface: `sparse-expansion {prune,eval,compare}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+
+from .errors import UsageError
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and data (shared by every command that reads data)")
+    group.add_argument("--model", default=None,
+                       help="local HF directory, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--data", default=None,
+                       help="embedded (default), a .txt file or directory, wikitext2 or c4 (online)")
+    group.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    group.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    group.add_argument("--eval-samples", type=int, default=None, help="limit the number of test windows")
+    group.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
+    group.add_argument("--device", default="cpu", help="compute device: cpu (default) or cuda")
+    group.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
+    group.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_pruning_options(parser: argparse.ArgumentParser, multi_sparsity: bool = False) -> None:
+    group = parser.add_argument_group("pruning")
+    if multi_sparsity:
+        group.add_argument("--sparsity", default="0.5", help="sparsity in [0, 1), or several: 0.5,0.7")
+    else:
+        group.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero, in [0, 1)")
+    group.add_argument("--nm", default=None, help="N:M pattern instead of --sparsity, e.g. 2:4 (2 of every 4 zeroed)")
+    group.add_argument("--bits", type=int, default=None, help="quantize jointly to B bits (sparsegpt only, 2..8)")
+    group.add_argument("--scope", choices=("ffn", "all"), default="ffn",
+                       help="ffn: FFN linears only (default, as in Sparse Expansion); all: every linear in the blocks")
+    group.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
+    group.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-expansion",
+                                     description="One-shot pruning and Sparse Expansion of causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prune = sub.add_parser("prune", help="prune a model and save it")
+    prune.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
+    _add_pruning_options(prune)
+    _add_data_options(prune)
+    prune.add_argument("--out", required=True, help="output directory (written atomically)")
+    prune.add_argument("--eval", action="store_true", help="also measure perplexity and record it in the manifest")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    ev = sub.add_parser("eval", help="perplexity of a model")
+    _add_data_options(ev)
+    ev.add_argument("--json", default=None, help="write the result as JSON")
+
+    cmp_ = sub.add_parser("compare", help="several methods on the same calibration and test windows")
+    cmp_.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt",
+                      help="comma-separated: dense, magnitude, wanda, sparsegpt")
+    _add_pruning_options(cmp_, multi_sparsity=True)
+    _add_data_options(cmp_)
+    cmp_.add_argument("--json", default=None, help="write {'results': [...]} to this file")
+    cmp_.add_argument("--report", default=None, help="Markdown report (default: next to --json, .md)")
+    return parser
+
+
+def _settings(args):
+    from .workflow import RunSettings
+
+    return RunSettings(model=args.model, data=args.data, calib_samples=args.calib_samples, seqlen=args.seqlen,
+                       eval_samples=args.eval_samples, seed=args.seed, device=args.device, dtype=args.dtype,
+                       scope=getattr(args, "scope", "ffn"), batch_size=args.batch_size, quiet=args.quiet,
+                       trust_remote_code=args.trust_remote_code)
+
+
+def _options(args):
+    from .pruning import PruneOptions
+    from .pruning.quantization import ChannelQuantizer
+
+    if args.bits is not None:
+        ChannelQuantizer(args.bits)  # validates the range
+    if args.blocksize < 1:
+        raise UsageError("--blocksize must be at least 1")
+    if args.percdamp <= 0:
+        raise UsageError("--percdamp must be positive")
+    return PruneOptions(bits=args.bits, blocksize=args.blocksize, percdamp=args.percdamp)
+
+
+def _specs(args) -> list:
+    from .pruning import SparsitySpec
+
+    if args.nm:
+        return [SparsitySpec.create(nm=args.nm)]
+    values = args.sparsity if isinstance(args.sparsity, str) else (
+        None if args.sparsity is None else str(args.sparsity))
+    if values is None:
+        return [SparsitySpec.create()]
+    specs = []
+    for item in values.split(","):
+        try:
+            specs.append(SparsitySpec.create(sparsity=float(item)))
+        except ValueError:
+            raise UsageError(f"--sparsity expects numbers, got {item!r}") from None
+    return specs
+
+
+def _print(text: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(text, flush=True)
+
+
+def cmd_prune(args) -> int:
+    from . import workflow
+    from .io import check_output_path
+
+    spec = _specs(args)[0]
+    options = _options(args)
+    from .pruning import get_method
+
+    get_method(args.method, options.bits)
+    check_output_path(args.out, args.overwrite)
+    session = workflow.open_session(_settings(args))
+    report = workflow.prune_session_model(session, session.model, args.method, spec, options)
+    extra = {"perplexity": workflow.evaluate(session, session.model)} if args.eval else None
+    data = workflow.manifest(session, "prune", report, options, extra)
+    workflow.save_model_dir(session, session.model, args.out, data, overwrite=args.overwrite)
+    print(f"{args.method} {spec.label}: measured sparsity {report.overall_sparsity():.4f} over "
+          f"{len(report.layers)} layers in {report.seconds:.1f} s -> {args.out}")
+    if extra:
+        print(f"perplexity {extra['perplexity']['ppl']:.3f} on {extra['perplexity']['eval_tokens']} tokens")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import workflow
+    from .io import atomic_write_text
+
+    session = workflow.open_session(_settings(args))
+    result = workflow.evaluate(session, session.model)
+    result.update({"model": session.loaded.source, "seqlen": args.seqlen,
+                   "data": session.corpus.summary() if session.corpus else None})
+    print(f"perplexity {result['ppl']:.4f} on {result['eval_tokens']} tokens ({result['eval_windows']} windows "
+          f"of {args.seqlen})")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import workflow
+    from .io import atomic_write_text, check_output_path
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise UsageError("--methods is empty")
+    specs = _specs(args)
+    options = _options(args)
+    report_path = args.report or (os.path.splitext(args.json)[0] + ".md" if args.json else None)
+    for path in (args.json, report_path):
+        if path:
+            check_output_path(path, overwrite=True)
+    session = workflow.open_session(_settings(args))
+    rows = workflow.compare(session, methods, specs, options)
+    table = workflow.format_table(rows)
+    print(table)
+    command_line = "sparse-expansion " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.json:
+        payload = {"settings": session.settings.describe(), "model": session.loaded.source,
+                   "data": session.corpus.summary() if session.corpus else None, "results": rows}
+        atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+    if report_path:
+        atomic_write_text(report_path, workflow.markdown_report(session, rows, command_line))
+        print(f"report: {report_path}" + (f"; json: {args.json}" if args.json else ""))
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"sparse-expansion: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparse-expansion: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Perplexity by the SparseGPT/Wanda protocol.
+
+The test text is tokenized once and cut into non-overlapping windows of `seqlen` tokens (the tail is
+dropped; see `data.windows.evaluation_windows`). Each window is scored independently: the mean
+cross-entropy of predicting tokens 2..L from their prefixes. PPL = exp(mean over windows of that
+loss), which equals the protocol's exp(sum(loss_w * L) / (n_windows * L)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# Logits for a batch take batch * seqlen * vocab floats; keep a batch near this many tokens.
+TOKENS_PER_BATCH = 2048
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    mean_nll: float
+    windows: int
+    seqlen: int
+
+    @property
+    def eval_tokens(self) -> int:
+        """Tokens in the evaluated windows."""
+        return self.windows * self.seqlen
+
+    @property
+    def predicted_tokens(self) -> int:
+        """Tokens whose likelihood enters the score (the first of each window has no prefix)."""
+        return self.windows * (self.seqlen - 1)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu", batch_size: int | None = None,
+               progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+    count, seqlen = windows.shape
+    batch_size = batch_size or max(1, TOKENS_PER_BATCH // seqlen)
+    losses = []
+    for start in tqdm(range(0, count, batch_size), desc=desc, disable=not progress, leave=False):
+        batch = windows[start:start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                    reduction="none").view(batch.shape[0], -1)
+        losses.append(per_token.mean(dim=1).cpu().double())
+    mean_nll = torch.cat(losses).mean().item()
+    return PerplexityResult(ppl=math.exp(mean_nll), mean_nll=mean_nll, windows=count, seqlen=seqlen)

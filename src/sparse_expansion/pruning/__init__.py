@@ -1,0 +1,21 @@
+"""Pruning: per-layer math (magnitude, Wanda, SparseGPT) apart from the model pipeline."""
+
+from .methods import METHODS, PruneOptions, PruningMethod, get_method, magnitude_prune, wanda_prune, wanda_scores
+from .pipeline import PruneReport, prune_model
+from .sparsegpt import sparsegpt_prune
+from .spec import SparsitySpec, parse_nm
+
+__all__ = [
+    "METHODS",
+    "PruneOptions",
+    "PruneReport",
+    "PruningMethod",
+    "SparsitySpec",
+    "get_method",
+    "magnitude_prune",
+    "parse_nm",
+    "prune_model",
+    "sparsegpt_prune",
+    "wanda_prune",
+    "wanda_scores",
+]

@@ -1,0 +1,232 @@
+"""The jobs behind the CLI, usable from Python: prepare data, prune, evaluate, compare, save."""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .data import Corpus, calibration_windows, evaluation_windows, load_corpus
+from .errors import UsageError
+from .evaluation import perplexity
+from .io import atomic_output_dir
+from .models import ModelLayout, discover, load_model
+from .models.loading import LoadedModel, context_length, resolve_device
+from .pruning import PruneOptions, PruneReport, SparsitySpec, get_method, prune_model
+
+
+@dataclass
+class RunSettings:
+    """Options shared by every command that reads data."""
+
+    model: str | None = None
+    data: str | None = None
+    calib_samples: int = 128
+    seqlen: int = 2048
+    eval_samples: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    scope: str = "ffn"
+    batch_size: int = 8
+    quiet: bool = False
+    trust_remote_code: bool = False
+
+    def describe(self) -> dict:
+        return {k: getattr(self, k) for k in ("model", "data", "calib_samples", "seqlen", "eval_samples", "seed",
+                                              "device", "dtype", "scope")}
+
+
+@dataclass
+class Session:
+    """A loaded model with its layout and the data windows, shared by the steps of one command."""
+
+    settings: RunSettings
+    loaded: LoadedModel
+    layout: ModelLayout
+    corpus: Corpus | None = None
+    _calib: torch.Tensor | None = field(default=None, repr=False)
+    _eval: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def _corpus(self) -> Corpus:
+        if self.corpus is None:
+            self.corpus = load_corpus(self.settings.data)
+        return self.corpus
+
+    def calibration(self) -> torch.Tensor:
+        if self._calib is None:
+            s = self.settings
+            self._calib = calibration_windows(self._corpus(), self.tokenizer, s.calib_samples, s.seqlen, s.seed)
+        return self._calib
+
+    def evaluation(self) -> torch.Tensor:
+        if self._eval is None:
+            s = self.settings
+            self._eval = evaluation_windows(self._corpus(), self.tokenizer, s.seqlen, s.eval_samples)
+        return self._eval
+
+
+def open_session(settings: RunSettings) -> Session:
+    """Validate cheap options, load the model (on the CPU; blocks visit the device one at a time)."""
+    if settings.seqlen < 2:
+        raise UsageError("--seqlen must be at least 2")
+    if settings.calib_samples < 1:
+        raise UsageError("--calib-samples must be at least 1")
+    if settings.eval_samples is not None and settings.eval_samples < 1:
+        raise UsageError("--eval-samples must be at least 1")
+    resolve_device(settings.device)
+    loaded = load_model(settings.model, dtype=settings.dtype, device="cpu",
+                        trust_remote_code=settings.trust_remote_code, quiet=settings.quiet)
+    limit = context_length(loaded.model)
+    if limit is not None and settings.seqlen > limit:
+        raise UsageError(f"--seqlen {settings.seqlen} is longer than the model's context of {limit} tokens")
+    layout = discover(loaded.model)
+    return Session(settings=settings, loaded=loaded, layout=layout)
+
+
+def prune_session_model(session: Session, model, method_name: str, spec: SparsitySpec,
+                        options: PruneOptions) -> PruneReport:
+    method = get_method(method_name, options.bits)
+    s = session.settings
+    windows = session.calibration() if method.statistic is not None else None
+    return prune_model(model, discover(model), windows, method, spec, scope=s.scope, options=options,
+                       device=s.device, batch_size=s.batch_size, progress=not s.quiet)
+
+
+def evaluate(session: Session, model, desc: str = "perplexity") -> dict:
+    s = session.settings
+    windows = session.evaluation()
+    device = torch.device(s.device)
+    model.to(device)
+    start = time.perf_counter()
+    result = perplexity(model, windows, device=device, progress=not s.quiet, desc=desc)
+    model.to("cpu")
+    return {"ppl": result.ppl, "mean_nll": result.mean_nll, "eval_windows": result.windows,
+            "eval_tokens": result.eval_tokens, "predicted_tokens": result.predicted_tokens,
+            "eval_seconds": time.perf_counter() - start}
+
+
+def manifest(session: Session, command: str, report: PruneReport | None, options: PruneOptions | None,
+             extra: dict | None = None) -> dict:
+    s = session.settings
+    data = {
+        "tool": "sparse-expansion",
+        "version": __version__,
+        "command": command,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model_source": session.loaded.source,
+        "architecture": type(session.model).__name__,
+        "blocks_path": session.layout.blocks_path,
+        "settings": s.describe(),
+        "data": session.corpus.summary() if session.corpus else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if report is not None:
+        calib = session._calib
+        data.update({
+            "method": report.method,
+            "sparsity": report.spec.sparsity,
+            "nm": f"{report.spec.n}:{report.spec.m}" if report.spec.is_nm else None,
+            "bits": options.bits if options else None,
+            "blocksize": options.blocksize if options else None,
+            "percdamp": options.percdamp if options else None,
+            "calib_tokens": int(calib.numel()) if calib is not None and report.method != "magnitude" else 0,
+            "prune_seconds": report.seconds,
+            "overall_sparsity": report.overall_sparsity(),
+            "layers": report.layers,
+        })
+    if extra:
+        data.update(extra)
+    return data
+
+
+def save_model_dir(session: Session, model, out: str | Path, manifest_data: dict, overwrite: bool = False) -> Path:
+    """Write a Hugging Face-loadable directory (safetensors) plus manifest.json, atomically."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        session.tokenizer.save_pretrained(tmp)
+        (tmp / "manifest.json").write_text(json.dumps(manifest_data, indent=2) + "\n", encoding="utf-8")
+    return Path(out)
+
+
+def compare(session: Session, methods: list[str], specs: list[SparsitySpec], options: PruneOptions) -> list[dict]:
+    """Each method at each sparsity on the same calibration and test windows; dense once."""
+    for name in methods:
+        if name != "dense":
+            get_method(name, options.bits)
+    s = session.settings
+    session.evaluation()  # fail early on data problems, before any pruning
+    if any(m not in ("dense", "magnitude") for m in methods):
+        session.calibration()
+    calib_tokens = int(session._calib.numel()) if session._calib is not None else 0
+    rows = []
+    for name in methods:
+        for spec in ([None] if name == "dense" else specs):
+            model = session.model if name == "dense" else copy.deepcopy(session.model)
+            report = None
+            if spec is not None:
+                report = prune_session_model(session, model, name, spec, options)
+            row = {
+                "method": name,
+                "sparsity": spec.sparsity if spec else 0.0,
+                "nm": f"{spec.n}:{spec.m}" if spec and spec.is_nm else None,
+                "bits": options.bits if name == "sparsegpt" else None,
+                "scope": s.scope,
+                "seqlen": s.seqlen,
+                "seed": s.seed,
+                "calib_tokens": calib_tokens if name not in ("dense", "magnitude") else 0,
+                "seconds": report.seconds if report else 0.0,
+                "measured_sparsity": report.overall_sparsity() if report else 0.0,
+            }
+            row.update(evaluate(session, model, desc=f"ppl {name}"))
+            rows.append(row)
+            if model is not session.model:
+                del model
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["method", "sparsity", "ppl", "eval_tokens", "calib_tokens", "prune s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        sparsity = r["nm"] or f"{r['sparsity']:.2f}"
+        if r.get("bits"):
+            sparsity += f" + {r['bits']}-bit"
+        lines.append(f"| {r['method']} | {sparsity} | {r['ppl']:.3f} | {r['eval_tokens']} | {r['calib_tokens']} | "
+                     f"{r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def markdown_report(session: Session, rows: list[dict], command_line: str) -> str:
+    s = session.settings
+    corpus = session.corpus.summary() if session.corpus else {}
+    return "\n".join([
+        "# sparse-expansion compare",
+        "",
+        f"- command: `{command_line}`",
+        f"- model: {session.loaded.source} ({type(session.model).__name__})",
+        f"- data: {corpus.get('description', '')}",
+        f"- scope: {s.scope}; seqlen {s.seqlen}; calibration windows {s.calib_samples}; seed {s.seed}; "
+        f"device {s.device}; dtype {s.dtype}",
+        f"- date: {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}; machine: {platform.machine()}, "
+        f"{torch.get_num_threads()} threads; torch {torch.__version__}",
+        "",
+        format_table(rows),
+        "",
+    ])
