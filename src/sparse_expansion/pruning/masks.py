@@ -15,11 +15,11 @@ def lowest_mask(scores: torch.Tensor, spec: SparsitySpec, per_row: bool) -> torc
     (stable sort), so the same scores always give the same mask.
     """
     rows, cols = scores.shape
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if spec.is_nm:
         groups = scores.reshape(rows, cols // spec.m, spec.m)
         order = torch.argsort(groups, dim=-1, stable=True)[..., : spec.n]
-        group_mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+        group_mask = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, True)
         return group_mask.reshape(rows, cols)
     if per_row:
         k = int(cols * spec.sparsity)

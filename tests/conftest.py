@@ -1,0 +1,124 @@
+"""Tiny random models of several families, built from configs, and a tiny tokenizer: fast and offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# The hub is unreachable from the test machines: fail fast instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 320
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
+    "Pruning removes weights from a neural network while keeping its accuracy. Language models predict the "
+    "next token from the previous ones. Sparse experts route each token to one cluster of similar inputs. "
+)
+
+
+def _config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, max_position_embeddings=256)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, **common)
+    if family == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, **common)
+    if family == "gemma":
+        return tf.GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=16, **common)
+    if family == "phi":
+        return tf.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            **common)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                **common)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=64, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    raise ValueError(family)
+
+
+# family -> (FFN inputs, FFN outputs) as discovery must name them
+FAMILIES = {
+    "llama": (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]),
+    "qwen2": (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]),
+    "mistral": (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]),
+    "gemma": (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]),
+    "phi": (["mlp.fc1"], ["mlp.fc2"]),
+    "gpt_neox": (["mlp.dense_h_to_4h"], ["mlp.dense_4h_to_h"]),
+    "opt": (["fc1"], ["fc2"]),
+    "gpt2": (["mlp.c_fc"], ["mlp.c_proj"]),
+}
+
+
+def make_model(family: str, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    config = _config(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT] * 4, trainer=trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """A small local corpus: train.txt and test.txt."""
+    path = tmp_path_factory.mktemp("corpus")
+    (path / "train.txt").write_text(TEXT * 40)
+    (path / "test.txt").write_text(TEXT[::-1].swapcase() * 4 + TEXT * 12)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir_factory(tmp_path_factory, tokenizer):
+    cache = {}
+
+    def build(family: str = "llama", **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"model-{family}")
+            make_model(family, **overrides).save_pretrained(path, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+            cache[key] = path
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dir_factory):
+    return model_dir_factory("llama")
