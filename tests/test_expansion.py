@@ -1,0 +1,234 @@
+"""Sparse Expansion: routers, experts, the expanded layer, the sequential build, save and load."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FAMILIES, make_model
+from sparse_expansion import UsageError
+from sparse_expansion.evaluation import perplexity
+from sparse_expansion.expansion import (ExpansionConfig, ExpertLinear, Router, expand_model, ffn_costs, fit_router,
+                                        load_expanded, save_expanded)
+from sparse_expansion.expansion import build as build_module
+from sparse_expansion.models import discover
+from sparse_expansion.pruning import METHODS, SparsitySpec, prune_model
+
+
+def clustered_tokens(n=600, d=32, centres=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = 4 * torch.randn(centres, d, generator=g)
+    labels = torch.randint(centres, (n,), generator=g)
+    return means[labels] + torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sklearn"])
+@pytest.mark.parametrize("reduction", [4, None])
+def test_every_token_goes_to_its_nearest_centroid(backend, reduction):
+    x = clustered_tokens()
+    router = fit_router(x, experts=6, reduction=reduction, restarts=2, seed=0, backend=backend)
+    z = (x - router.mean) @ router.projection if reduction else x - router.mean
+    expected = torch.cdist(z, router.centroids).argmin(1)
+    assert torch.equal(router.assign(x), expected)
+    assert router.dim == (32 // reduction if reduction else 32)
+
+
+def test_router_fit_is_deterministic_and_seeded():
+    x = clustered_tokens()
+    a = fit_router(x, experts=4, reduction=4, seed=1)
+    b = fit_router(x, experts=4, reduction=4, seed=1)
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.projection, b.projection)
+
+
+def test_pca_projection_is_orthonormal_and_ordered():
+    x = clustered_tokens(d=16) * torch.linspace(0.1, 3, 16)
+    router = fit_router(x, experts=2, reduction=4)
+    p = router.projection
+    assert torch.allclose(p.t() @ p, torch.eye(4), atol=1e-4)
+    variances = router.project(x).var(0)
+    assert (variances[:-1] >= variances[1:]).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"experts": 0}, "at least 1"),
+    ({"experts": 700}, "calibration tokens"),
+    ({"experts": 2, "reduction": 64}, "leaves no PCA dimensions"),
+])
+def test_router_bad_input(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        fit_router(clustered_tokens(), **kwargs)
+
+
+def test_expert_linear_routes_each_token_to_one_expert():
+    torch.manual_seed(0)
+    router = fit_router(clustered_tokens(d=8), experts=3, reduction=None)
+    weight = torch.randn(3, 5, 8)
+    bias = torch.randn(5)
+    layer = ExpertLinear(router, weight, bias)
+    x = clustered_tokens(n=20, d=8, seed=3).reshape(4, 5, 8)
+    labels = router.assign(x)
+    out = layer(x).reshape(-1, 5)
+    for t, (token, label) in enumerate(zip(x.reshape(-1, 8), labels)):
+        assert torch.allclose(out[t], F.linear(token, weight[label], bias), atol=1e-5)
+    single = x[:1, :1]
+    assert torch.allclose(layer(single).flatten(), F.linear(single.flatten(), weight[router.assign(single)[0]], bias))
+
+
+def small_windows(n=6, length=24, seed=0):
+    return torch.randint(0, 300, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_one_expert_reproduces_sparsegpt():
+    windows = small_windows()
+    reference = make_model("llama")
+    prune_model(reference, discover(reference), windows, METHODS["sparsegpt"], SparsitySpec(0.6), progress=False)
+    expanded = make_model("llama")
+    expand_model(expanded, discover(expanded), windows, SparsitySpec(0.6), ExpansionConfig(experts=1),
+                 progress=False)
+    for ref_block, exp_block in zip(reference.model.layers, expanded.model.layers):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            ref = getattr(ref_block.mlp, name).weight
+            exp = getattr(exp_block.mlp, name)
+            assert isinstance(exp, ExpertLinear)
+            assert torch.equal(ref == 0, exp.weight[0] == 0), name
+            assert torch.equal(ref, exp.weight[0]), name
+    test = small_windows(4, 24, seed=9)
+    a = perplexity(reference, test, progress=False).ppl
+    b = perplexity(expanded, test, progress=False).ppl
+    assert abs(a - b) / a < 1e-4
+
+
+@pytest.mark.parametrize("spec", [SparsitySpec(0.7), SparsitySpec.create(nm="2:4")])
+def test_every_expert_has_the_requested_sparsity(spec):
+    model = make_model("qwen2")
+    layout = discover(model)
+    report = expand_model(model, layout, small_windows(8, 32), spec, ExpansionConfig(experts=3, pca_reduction=8,
+                                                                                  min_cluster_tokens=1),
+                          progress=False)
+    assert len(report.layers) == 2 * 3
+    for block in layout.blocks:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            weight = getattr(block.mlp, name).weight  # (experts, out, in)
+            assert weight.shape[0] == 3
+            if spec.is_nm:
+                assert ((weight.reshape(3, weight.shape[1], -1, 4) == 0).sum(-1) == 2).all()
+            else:
+                out_features, in_features = weight.shape[1:]
+                for start in range(0, in_features, 128):
+                    end = min(start + 128, in_features)
+                    zeros = (weight[:, :, start:end] == 0).flatten(1).sum(1)
+                    assert (zeros == int(out_features * (end - start) * 0.7)).all()
+
+
+def test_an_empty_cluster_falls_back_to_the_layer_hessian(monkeypatch):
+    real_fit = build_module.fit_router
+
+    def fit_with_a_far_centroid(*args, **kwargs):
+        router = real_fit(*args, **kwargs)
+        router.centroids[-1] = 1e6  # no token is ever nearest to it
+        return router
+
+    monkeypatch.setattr(build_module, "fit_router", fit_with_a_far_centroid)
+    model = make_model("llama")
+    layout = discover(model)
+    report = expand_model(model, layout, small_windows(), SparsitySpec(0.5), ExpansionConfig(experts=3),
+                          progress=False)
+    for info in report.routers.values():
+        assert info["tokens_per_expert"][-1] == 0
+    for info in report.layers.values():
+        assert info["fallback_experts"] == [2]
+        assert info["sparsity"][2] == pytest.approx(0.5, abs=0.01)
+    expert = layout.blocks[0].mlp.up_proj.weight[2]
+    assert torch.isfinite(expert).all() and (expert != 0).any()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_can_be_expanded(family):
+    model = make_model(family)
+    layout = discover(model)
+    windows = small_windows(6, 24)
+    with torch.no_grad():
+        dense_logits = model(input_ids=windows).logits
+    expand_model(model, layout, windows, SparsitySpec(0.5), ExpansionConfig(experts=2, pca_reduction=8),
+                 progress=False)
+    assert sum(isinstance(m, ExpertLinear) for m in model.modules()) == 2 * len(layout.select("ffn"))
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+    assert torch.isfinite(logits).all()
+    assert not torch.equal(logits, dense_logits)
+    # Discovery still recognises the expanded layers.
+    assert {lin.name for lin in discover(model).select("ffn")} == {lin.name for lin in layout.select("ffn")}
+
+
+@pytest.fixture(scope="module")
+def expanded_llama(tokenizer):
+    model = make_model("llama")
+    report = expand_model(model, discover(model), small_windows(), SparsitySpec(0.5),
+                          ExpansionConfig(experts=4, pca_reduction=8), progress=False)
+    return model, report
+
+
+def test_save_and_load_give_identical_logits(expanded_llama, tokenizer, tmp_path):
+    model, _ = expanded_llama
+    save_expanded(model, tokenizer, tmp_path / "se", manifest={"test": True})
+    loaded, _ = load_expanded(tmp_path / "se")
+    x = small_windows(2, 20, seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+    assert not list(tmp_path.glob(".se.*"))
+
+
+def test_generate_runs_with_the_kv_cache(expanded_llama):
+    model, _ = expanded_llama
+    prompt = small_windows(1, 8, seed=2)
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert cached.shape == (1, 14)
+    assert torch.equal(cached, uncached)
+
+
+def test_costs_count_sparse_experts_and_routers(expanded_llama):
+    model, _ = expanded_llama
+    costs = ffn_costs(model, discover(model))
+    dense = 2 * 2 * 3 * 64 * 128  # 2 blocks x 3 linears x 64 x 128, 2 FLOPs per multiply-add
+    assert costs["ffn_dense_flops_per_token"] == dense
+    router = 2 * ((64 + 2 * 64 * 8 + 3 * 8 * 4) + (128 + 2 * 128 * 16 + 3 * 16 * 4))
+    assert costs["router_flops_per_token"] == router
+    assert costs["ffn_flops_per_token"] == pytest.approx(dense * 0.5 + router, rel=1e-3)
+    assert costs["ffn_params_stored"] == 4 * dense // 2
+
+
+def test_loading_bad_directories(expanded_llama, tokenizer, tmp_path, llama_dir):
+    with pytest.raises(UsageError, match="not an expanded model"):
+        load_expanded(llama_dir)
+    model, _ = expanded_llama
+    save_expanded(model, tokenizer, tmp_path / "good", manifest={})
+    weights = tmp_path / "good" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    corrupted = tmp_path / "corrupted"
+    save_expanded(model, tokenizer, corrupted, manifest={})
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    (corrupted / "model.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(UsageError, match="corrupted or truncated"):
+        load_expanded(corrupted)
+    truncated = tmp_path / "truncated"
+    save_expanded(model, tokenizer, truncated, manifest={})
+    (truncated / "model.safetensors").write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(UsageError, match="corrupted or truncated"):
+        load_expanded(truncated)
+
+
+def test_build_bad_input():
+    model = make_model("llama")
+    layout = discover(model)
+    with pytest.raises(UsageError, match="at least 1"):
+        expand_model(model, layout, small_windows(), SparsitySpec(0.5), ExpansionConfig(experts=0), progress=False)
+    with pytest.raises(UsageError, match="calibration tokens"):
+        expand_model(model, layout, small_windows(1, 4), SparsitySpec(0.5), ExpansionConfig(experts=5),
+                     progress=False)
+    with pytest.raises(UsageError, match="no PCA dimensions"):
+        expand_model(model, layout, small_windows(), SparsitySpec(0.5), ExpansionConfig(experts=2, pca_reduction=100),
+                     progress=False)
