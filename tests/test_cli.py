@@ -157,3 +157,60 @@ def test_failure_during_the_run_leaves_no_partial_directory(llama_dir, corpus_di
               "--out", str(out), *SMALL])
     assert not out.exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_expand_eval_generate_and_compare(llama_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "expanded"
+    code, stdout, err = run_cli(["expand", "--model", str(llama_dir), "--data", str(corpus_dir), "--experts", "3",
+                                 "--pca-reduction", "8", "--sparsity", "0.5", "--out", str(out), "--eval", *SMALL],
+                                capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "sparse-expansion" and manifest["experts"] == 3
+    assert all(len(layer["sparsity"]) == 3 for layer in manifest["layers"].values())
+    assert manifest["costs"]["ffn_flops_per_token"] < manifest["costs"]["ffn_dense_flops_per_token"]
+    assert sum(sum(r["tokens_per_expert"]) for r in manifest["routers"].values()) == 2 * 2 * 4 * 32
+    code, stdout, _ = run_cli(["eval", "--model", str(out), "--data", str(corpus_dir), *SMALL], capsys)
+    assert code == 0 and "perplexity" in stdout
+    code, stdout, err = run_cli(["generate", "--model", str(out), "--prompt", "The quick brown",
+                                 "--max-new-tokens", "5"], capsys)
+    assert code == 0, err
+    assert stdout.startswith("The quick brown")
+    report = tmp_path / "se.json"
+    code, stdout, err = run_cli(["compare", "--model", str(llama_dir), "--data", str(corpus_dir), "--methods",
+                                 "sparsegpt,sparse-expansion", "--sparsity", "0.5,0.7", "--experts", "1,2",
+                                 "--pca-reduction", "8", "--json", str(report), *SMALL], capsys)
+    assert code == 0, err
+    rows = json.loads(report.read_text())["results"]
+    assert [(r["method"], r["sparsity"], r["experts"]) for r in rows] == [
+        ("sparsegpt", 0.5, None), ("sparsegpt", 0.7, None),
+        ("sparse-expansion", 0.5, 1), ("sparse-expansion", 0.5, 2),
+        ("sparse-expansion", 0.7, 1), ("sparse-expansion", 0.7, 2)]
+    for row in rows:
+        assert row["ffn_flops_per_token"] > 0 and row["stored_bytes"] > 0
+    # One expert is SparseGPT: the same perplexity.
+    assert rows[2]["ppl"] == pytest.approx(rows[0]["ppl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--experts", "0"], "--experts must be at least 1"),
+    (["--experts", "100000"], "calibration tokens"),
+    (["--pca-reduction", "1000"], "leaves no PCA dimensions"),
+])
+def test_expand_bad_input(extra, message, llama_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "se"
+    code, _, err = run_cli(["expand", "--model", str(llama_dir), "--data", str(corpus_dir), "--sparsity", "0.5",
+                            "--out", str(out), *SMALL, *extra], capsys)
+    _assert_clean_failure(code, err, out, message)
+
+
+def test_loading_a_corrupted_expanded_model_fails_cleanly(llama_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "se"
+    assert run_cli(["expand", "--model", str(llama_dir), "--data", str(corpus_dir), "--experts", "2",
+                    "--pca-reduction", "8", "--sparsity", "0.5", "--out", str(out), *SMALL], capsys)[0] == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, _, err = run_cli(["eval", "--model", str(out), "--data", str(corpus_dir), *SMALL], capsys)
+    _assert_clean_failure(code, err, None, "corrupted or truncated")
+    code, _, err = run_cli(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"], capsys)
+    _assert_clean_failure(code, err, None, "model path not found")

@@ -132,8 +132,8 @@ def test_an_empty_cluster_falls_back_to_the_layer_hessian(monkeypatch):
     monkeypatch.setattr(build_module, "fit_router", fit_with_a_far_centroid)
     model = make_model("llama")
     layout = discover(model)
-    report = expand_model(model, layout, small_windows(), SparsitySpec(0.5), ExpansionConfig(experts=3),
-                          progress=False)
+    report = expand_model(model, layout, small_windows(), SparsitySpec(0.5),
+                          ExpansionConfig(experts=3, min_cluster_tokens=1), progress=False)
     for info in report.routers.values():
         assert info["tokens_per_expert"][-1] == 0
     for info in report.layers.values():

