@@ -52,7 +52,8 @@ def _add_expansion_options(parser: argparse.ArgumentParser, multi_experts: bool 
     group.add_argument("--pca-reduction", type=int, default=32,
                        help="route in d_in // R PCA dimensions (default 32)")
     group.add_argument("--no-pca", action="store_true", help="cluster the raw inputs instead of their PCA projection")
-    group.add_argument("--kmeans-restarts", type=int, default=4, help="k-means++ restarts, best kept (default 4)")
+    group.add_argument("--kmeans-restarts", type=int, default=1,
+                       help="k-means++ restarts, lowest inertia kept (default 1, as scikit-learn)")
     group.add_argument("--router-backend", choices=("torch", "sklearn"), default="torch",
                        help="library that fits PCA and k-means (default torch; see docs/BENCHMARKS.md)")
     group.add_argument("--min-cluster-tokens", type=int, default=32,

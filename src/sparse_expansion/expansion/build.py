@@ -28,7 +28,7 @@ from ..errors import UsageError
 from ..models.discovery import ModelLayout, linear_weight
 from ..pruning.masks import check_nm_shape
 from ..pruning.methods import PruneOptions
-from ..pruning.sparsegpt import sparsegpt_prune
+from ..pruning.sparsegpt import hessian_factors, sparsegpt_prune
 from ..pruning.spec import SparsitySpec
 from ..pruning.statistics import Hessian
 from .modules import ROUTERS_ATTR, ExpertLinear
@@ -39,7 +39,7 @@ from .router import Router, fit_router, pca_components
 class ExpansionConfig:
     experts: int = 16
     pca_reduction: int | None = 32  # None: cluster the raw inputs (--no-pca)
-    kmeans_restarts: int = 4
+    kmeans_restarts: int = 1
     seed: int = 0
     backend: str = "torch"
     min_cluster_tokens: int = 32
@@ -96,10 +96,14 @@ def _cluster_hessians(batches: list[torch.Tensor], router: Router, device: torch
     for batch in batches:
         batch = batch.to(device)
         labels = router.assign(batch)
-        for expert, hessian in enumerate(hessians):
-            selected = batch[labels == expert]
-            if selected.shape[0]:
-                hessian.update(selected)
+        if router.experts == 1:
+            hessians[0].update(batch)
+            continue
+        order = torch.argsort(labels, stable=True)  # tokens grouped by cluster, in their original order
+        counts = torch.bincount(labels, minlength=router.experts).tolist()
+        for hessian, chunk in zip(hessians, batch.index_select(0, order).split(counts)):
+            if chunk.shape[0]:
+                hessian.update(chunk)
     return hessians, [h.tokens for h in hessians]
 
 
@@ -141,12 +145,14 @@ def expand_block(block: nn.Module, index: int, layout: ModelLayout, feed, spec: 
         del hessians
         report.routers[f"{prefix}.{ROUTERS_ATTR}.{group}"] = {"tokens_per_expert": sizes,
                                                                "components": router.components}
+        factors = hessian_factors(matrices, options.percdamp)  # shared by the layers of this group
+        del matrices
         for name in names:
             module = modules[name]
             weight = linear_weight(module).detach().to(device)
             stacked = weight.unsqueeze(0).expand(config.experts, *weight.shape)
-            result = sparsegpt_prune(stacked, matrices, spec, blocksize=options.blocksize,
-                                     percdamp=options.percdamp, bits=options.bits)
+            result = sparsegpt_prune(stacked, None, spec, blocksize=options.blocksize, bits=options.bits,
+                                     factors=factors)
             bias = module.bias.detach().clone() if getattr(module, "bias", None) is not None else None
             expert_linear = ExpertLinear(router, result.weight.to(weight.dtype), bias)
             _replace(block, name, expert_linear)
@@ -156,7 +162,6 @@ def expand_block(block: nn.Module, index: int, layout: ModelLayout, feed, spec: 
                                                  "sparsity": [z / weight.numel() for z in zeros],
                                                  "fallback_experts": small}
         routers[group] = router
-        del matrices
     setattr(block, ROUTERS_ATTR, routers)
 
 

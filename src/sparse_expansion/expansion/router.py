@@ -83,12 +83,33 @@ def pca_components(in_features: int, reduction: int | None) -> int | None:
     return components
 
 
-def _pca_torch(x: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:
+POWER_ITERATIONS = 4
+OVERSAMPLING = 10
+
+
+def _pca_torch(x: torch.Tensor, components: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and top principal directions (d_in x components), largest variance first.
+
+    Randomized range finding (Halko, Martinsson & Tropp 2011) with a seeded sketch and a few power
+    iterations; when the sketch would be nearly as wide as the data, the exact eigendecomposition
+    of the covariance is cheaper and is used instead.
+    """
     mean = x.mean(0)
     centred = x - mean
-    covariance = centred.t() @ centred / max(1, x.shape[0] - 1)
-    _, vectors = torch.linalg.eigh(covariance.double())
-    top = vectors[:, -components:].flip(1).float()
+    n, d = centred.shape
+    rank = components + OVERSAMPLING
+    if 2 * rank >= min(n, d):
+        covariance = centred.t() @ centred / max(1, n - 1)
+        _, vectors = torch.linalg.eigh(covariance.double())
+        top = vectors[:, -components:].flip(1).float()
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        basis = torch.linalg.qr(centred @ torch.randn(d, rank, generator=generator)).Q
+        for _ in range(POWER_ITERATIONS):
+            basis = torch.linalg.qr(centred.t() @ basis).Q
+            basis = torch.linalg.qr(centred @ basis).Q
+        _, _, vh = torch.linalg.svd(basis.t() @ centred, full_matrices=False)
+        top = vh[:components].t()
     # Fix each component's sign (the largest-magnitude entry positive) so fits are reproducible.
     signs = torch.sign(top.gather(0, top.abs().argmax(0, keepdim=True)))
     signs[signs == 0] = 1
@@ -163,7 +184,7 @@ def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restar
     if experts == 1:
         router.mean.copy_(x.mean(0))
         if components:
-            router.projection.copy_(_pca_torch(x, components)[1])
+            router.projection.copy_(_pca_torch(x, components, seed)[1])
         return router
     if backend == "sklearn":
         from sklearn.cluster import KMeans
@@ -182,7 +203,7 @@ def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restar
         router.centroids.copy_(torch.from_numpy(kmeans.cluster_centers_))
         return router
     if components:
-        mean, projection = _pca_torch(x, components)
+        mean, projection = _pca_torch(x, components, seed)
         router.mean.copy_(mean)
         router.projection.copy_(projection)
     else:

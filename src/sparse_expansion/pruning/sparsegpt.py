@@ -21,6 +21,7 @@ from .quantization import ChannelQuantizer
 from .spec import SparsitySpec
 
 MAX_DAMPING_TRIES = 12
+UPDATE_BLOCK = 32  # columns updated one by one before a lazy matrix-product update of the rest
 
 
 @dataclass
@@ -30,23 +31,48 @@ class SparseGPTResult:
     damping: list[float]  # the dampening finally added to each Hessian's diagonal
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp*I)^-1, raising damp tenfold until the factorization succeeds."""
-    diag = torch.arange(hessian.shape[0], device=hessian.device)
-    damp = percdamp * torch.mean(torch.diag(hessian)).item()
-    if damp <= 0:
-        damp = percdamp
-    for _ in range(MAX_DAMPING_TRIES):
-        damped = hessian.clone()
-        damped[diag, diag] += damp
-        lower, info = torch.linalg.cholesky_ex(damped)
-        if info.item() == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info.item() == 0 and torch.isfinite(upper).all():
-                return upper, damp
-        damp *= 10
-    raise UsageError("SparseGPT: the Hessian stays singular after raising the dampening; use more calibration data")
+def inverse_hessian_factors(hessians: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, list[float]]:
+    """Upper Cholesky factors U of (H + damp*I)^-1 = U^T U for a batch of Hessians (E, c, c).
+
+    damp starts at `percdamp` x mean(diag H) and is raised tenfold, per matrix, until both
+    factorizations succeed. (One matrix at a time: measured faster than batched LAPACK calls here.)
+    """
+    cols = hessians.shape[-1]
+    idx = torch.arange(cols, device=hessians.device)
+    factors = torch.empty_like(hessians)
+    damping = []
+    for e, hessian in enumerate(hessians):
+        damp = percdamp * hessian.diagonal().mean().item()
+        if damp <= 0:
+            damp = percdamp
+        for _ in range(MAX_DAMPING_TRIES):
+            damped = hessian.clone()
+            damped[idx, idx] += damp
+            lower, info = torch.linalg.cholesky_ex(damped)
+            if info.item() == 0:
+                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+                if info.item() == 0 and torch.isfinite(upper).all():
+                    factors[e] = upper
+                    damping.append(damp)
+                    break
+            damp *= 10
+        else:
+            raise UsageError("SparseGPT: the Hessian stays singular after raising the dampening; "
+                             "use more calibration data")
+    return factors, damping
+
+
+def hessian_factors(hessians: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """What SparseGPT needs from a batch of Hessians (E, c, c): the dead-input masks (E, c), the
+    inverse factors U and the dampening used. Layers that read the same input (gate and up) share it.
+    """
+    H = hessians.detach().float().clone()
+    idx = torch.arange(H.shape[-1], device=H.device)
+    # Inputs that never fire carry no information: make H invertible there (their weights are dropped).
+    dead = H[:, idx, idx] == 0
+    H[:, idx, idx] = torch.where(dead, torch.ones_like(H[:, idx, idx]), H[:, idx, idx])
+    Hinv, damping = inverse_hessian_factors(H, percdamp)
+    return dead, Hinv, damping
 
 
 def sparsegpt_prune(
@@ -56,55 +82,62 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     bits: int | None = None,
+    factors: tuple[torch.Tensor, torch.Tensor, list[float]] | None = None,
 ) -> SparseGPTResult:
-    """Prune `weight` ((E,) out_features x in_features) given the Hessian(s) of its calibration inputs."""
+    """Prune `weight` ((E,) out_features x in_features) given the Hessian(s) of its calibration inputs.
+
+    `factors` (from `hessian_factors`) may be passed to reuse one factorization across layers that read
+    the same input.
+    """
     single = weight.dim() == 2
     W = weight.detach().float().clone()
-    H = hessian.detach().float().to(W.device).clone()
     if single:
-        W, H = W.unsqueeze(0), H.unsqueeze(0)
+        W = W.unsqueeze(0)
     experts, rows, cols = W.shape
-    idx = torch.arange(cols, device=W.device)
-    # Inputs that never fire carry no information: make H invertible there and drop their weights.
-    dead = H[:, idx, idx] == 0  # (E, cols)
-    H[:, idx, idx] = torch.where(dead, torch.ones_like(H[:, idx, idx]), H[:, idx, idx])
+    dead, Hinv, damping = factors if factors is not None else hessian_factors(
+        (hessian.unsqueeze(0) if single else hessian).to(W.device), percdamp)
     W.masked_fill_(dead.unsqueeze(1), 0)
     quantizer = ChannelQuantizer(bits).fit(W.reshape(-1, cols)) if bits else None
-    factors = [inverse_hessian_factor(H[e], percdamp) for e in range(experts)]
-    Hinv = torch.stack([f[0] for f in factors])
     if spec.is_nm:
         # Blocks must hold whole N:M groups.
         blocksize = max(spec.m, blocksize - blocksize % spec.m)
+    group = spec.m if spec.is_nm else 1
+    step = max(group, UPDATE_BLOCK - UPDATE_BLOCK % group)
     mask = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
-        W1 = W[..., start:end].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, start:end, start:end]
-        diag1 = torch.diagonal(Hinv1, dim1=-2, dim2=-1).unsqueeze(1)  # (E, 1, count)
-        if spec.is_nm:
-            mask1 = torch.zeros(W1.shape, dtype=torch.bool, device=W.device)
-        else:
-            # Adaptive mask: the lowest-saliency weights of the whole block, over all rows jointly.
-            mask1 = lowest_mask(W1.pow(2) / diag1.pow(2), spec, per_row=False)
-        for i in range(end - start):
-            w = W1[..., i]  # (E, rows)
-            if spec.is_nm and i % spec.m == 0:
-                # Scores use the weights as updated by the columns processed so far.
-                group = W1[..., i:i + spec.m].pow(2) / diag1[..., i:i + spec.m].pow(2)
-                mask1[..., i:i + spec.m] = lowest_mask(group, spec, per_row=True)
-            q = w.masked_fill(mask1[..., i], 0)
-            if quantizer is not None:
-                q = quantizer.quantize(q.reshape(-1)).reshape(experts, rows)
-            Q1[..., i] = q
-            err = (w - q) / diag1[..., i]
-            W1[..., i:] -= err.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
-            Err1[..., i] = err
-        W[..., start:end] = Q1
-        mask[..., start:end] = mask1
-        W[..., end:] -= Err1 @ Hinv[:, start:end, end:]
+        if not spec.is_nm:
+            # Adaptive mask: the lowest-saliency weights of the whole block, over all rows jointly,
+            # from the weights as updated by every column before the block.
+            diag = torch.diagonal(Hinv[:, start:end, start:end], dim1=-2, dim2=-1).unsqueeze(1)
+            mask[..., start:end] = lowest_mask(W[..., start:end].pow(2) / diag.pow(2), spec, per_row=False)
+        # Columns are processed in small sub-blocks: rank-one OBS updates inside a sub-block, one
+        # matrix product for everything after it. The arithmetic is the same as updating the whole
+        # block column by column, with less memory traffic.
+        for sub in range(start, end, step):
+            sub_end = min(sub + step, end)
+            W1 = W[..., sub:sub_end].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[:, sub:sub_end, sub:sub_end]
+            diag1 = torch.diagonal(Hinv1, dim1=-2, dim2=-1).unsqueeze(1)  # (E, 1, count)
+            mask1 = mask[..., sub:sub_end]
+            for i in range(sub_end - sub):
+                w = W1[..., i]  # (E, rows)
+                if spec.is_nm and i % spec.m == 0:
+                    # Scores use the weights as updated by the columns processed so far.
+                    group = W1[..., i:i + spec.m].pow(2) / diag1[..., i:i + spec.m].pow(2)
+                    mask1[..., i:i + spec.m] = lowest_mask(group, spec, per_row=True)
+                q = w.masked_fill(mask1[..., i], 0)
+                if quantizer is not None:
+                    q = quantizer.quantize(q.reshape(-1)).reshape(experts, rows)
+                Q1[..., i] = q
+                err = (w - q) / diag1[..., i]
+                W1[..., i:].addcmul_(err.unsqueeze(-1), Hinv1[:, i, i:].unsqueeze(1), value=-1)
+                Err1[..., i] = err
+            W[..., sub:sub_end] = Q1
+            W[..., sub_end:] -= Err1 @ Hinv[:, sub:sub_end, sub_end:]
     mask |= dead.unsqueeze(1)
     if single:
         W, mask = W[0], mask[0]
-    return SparseGPTResult(weight=W.to(weight.dtype), mask=mask, damping=[f[1] for f in factors])
+    return SparseGPTResult(weight=W.to(weight.dtype), mask=mask, damping=damping)
