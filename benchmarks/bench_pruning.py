@@ -9,14 +9,14 @@ own; all children use the same calibration and test windows (same seed, same cor
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
+
+from common import write_results
 
 CONFIGS = [
     ("dense", None),
@@ -81,23 +81,10 @@ def main() -> None:
         rows.append(row)
         print(f"{method:10s} {sparsity or '-':5s} ppl {row['ppl']:9.3f}  prune {row['prune_seconds']:6.1f} s  "
               f"peak {row['peak_rss_mb']:7.0f} MB", flush=True)
-    import torch
-
-    payload = {
-        "command": "python " + " ".join(sys.argv),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
-        "settings": {"calib_samples": args.calib_samples, "seqlen": args.seqlen, "eval_samples": args.eval_samples,
-                     "scope": args.scope, "seed": 0, "model": "SmolLM2-135M-Instruct (embedded)",
-                     "data": "embedded Wikipedia summaries"},
-        "results": rows,
-    }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, args.out)
+    write_results(args.out, rows, settings={
+        "calib_samples": args.calib_samples, "seqlen": args.seqlen, "eval_samples": args.eval_samples,
+        "scope": args.scope, "seed": 0, "model": "SmolLM2-135M-Instruct (embedded)",
+        "data": "embedded Wikipedia summaries"})
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ bought with worse clusters.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
+
+from common import write_results
 
 
 def real_inputs(max_tokens: int, seqlen: int = 256):
@@ -90,14 +87,7 @@ def main() -> None:
             print(f"{tokens:7d} x {x.shape[1]:5d}: torch {row['torch_seconds']:.3f} s "
                   f"(inertia {row['torch_inertia']:.4g}), sklearn {row['sklearn_seconds']:.3f} s "
                   f"(inertia {row['sklearn_inertia']:.4g})", flush=True)
-    payload = {"command": "python " + " ".join(sys.argv),
-               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-               "settings": vars(args), "results": rows}
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, args.out)
+    write_results(args.out, rows, settings=vars(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Plots for the Sparse Expansion study from a `sparse-expansion compare --json` file.
 
-    python benchmarks/plot_expansion.py docs/study/expansion.json --out docs/study
+    python benchmarks/plot_expansion.py docs/study/expansion.json docs/study/iso_flops.json --out docs/study
 
 Writes ppl_vs_experts.png (one line per sparsity, one-shot baselines as horizontal marks) and
 ppl_vs_ffn_flops.png (perplexity against FFN FLOPs per token, routers counted: the paper's headline).
@@ -22,14 +22,17 @@ BASELINES = {"sparsegpt": ("SparseGPT", "--"), "wanda": ("Wanda", ":"), "magnitu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_file")
+    parser.add_argument("json_files", nargs="+", help="compare --json outputs; their rows are pooled")
     parser.add_argument("--out", default="docs/study")
     args = parser.parse_args()
-    with open(args.json_file) as handle:
-        rows = json.load(handle)["results"]
+    rows = []
+    for path in args.json_files:
+        with open(path) as handle:
+            rows += json.load(handle)["results"]
     os.makedirs(args.out, exist_ok=True)
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
+    # Baselines run at extra (iso-FLOP) sparsities appear only in the FLOPs plot.
+    sparsities = sorted({r["sparsity"] for r in rows if r["method"] == "sparse-expansion"})
     colors = dict(zip(sparsities, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -56,21 +59,23 @@ def main() -> None:
     fig.savefig(os.path.join(args.out, "ppl_vs_experts.png"), dpi=120)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"sparse-expansion": "o", "sparsegpt": "s", "wanda": "^", "magnitude": "x"}
+    markers = {"sparsegpt": "s", "wanda": "^", "magnitude": "x"}
     for method, marker in markers.items():
-        pts = sorted(((r["ffn_flops_per_token"] / 1e6, r["ppl"], r) for r in rows if r["method"] == method
-                      and r["ppl"] < 1e4), key=lambda p: p[0])
-        if not pts:
-            continue
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker,
-                   c=[colors[p[2]["sparsity"]] for p in pts], label=method)
+        pts = sorted((r["ffn_flops_per_token"] / 1e6, r["ppl"]) for r in rows if r["method"] == method
+                     and r["ppl"] < 1e4)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color="gray", label=method)
+    expanded = [r for r in rows if r["method"] == "sparse-expansion"]
+    ax.scatter([r["ffn_flops_per_token"] / 1e6 for r in expanded], [r["ppl"] for r in expanded],
+               s=[12 * r["experts"] ** 0.8 + 10 for r in expanded], c=[colors[r["sparsity"]] for r in expanded],
+               label="Sparse Expansion (size = experts, colour = sparsity)", zorder=3)
     if dense:
         ax.axhline(dense["ppl"], color="black", linewidth=1, label="dense")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("FFN MFLOPs per token (non-zeros x 2, routers included)")
     ax.set_ylabel("perplexity")
-    ax.set_title("Perplexity against FFN compute (colour = sparsity)")
+    ax.set_title("Perplexity against FFN compute per token")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "ppl_vs_ffn_flops.png"), dpi=120)

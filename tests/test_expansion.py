@@ -1,7 +1,5 @@
 """Sparse Expansion: routers, experts, the expanded layer, the sequential build, save and load."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +7,7 @@ import torch.nn.functional as F
 from conftest import FAMILIES, make_model
 from sparse_expansion import UsageError
 from sparse_expansion.evaluation import perplexity
-from sparse_expansion.expansion import (ExpansionConfig, ExpertLinear, Router, expand_model, ffn_costs, fit_router,
+from sparse_expansion.expansion import (ExpansionConfig, ExpertLinear, expand_model, ffn_costs, fit_router,
                                         load_expanded, save_expanded)
 from sparse_expansion.expansion import build as build_module
 from sparse_expansion.models import discover

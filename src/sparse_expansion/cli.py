@@ -60,6 +60,12 @@ def _add_expansion_options(parser: argparse.ArgumentParser, multi_experts: bool 
                        help="clusters with fewer calibration tokens use the layer's whole Hessian (default 32)")
 
 
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--eval", action="store_true", help="also measure perplexity and record it in the manifest")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-expansion",
                                      description="One-shot pruning and Sparse Expansion of causal LMs.")
@@ -69,17 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
     _add_pruning_options(prune)
     _add_data_options(prune)
-    prune.add_argument("--out", required=True, help="output directory (written atomically)")
-    prune.add_argument("--eval", action="store_true", help="also measure perplexity and record it in the manifest")
-    prune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_output_options(prune)
 
     expand = sub.add_parser("expand", help="build a Sparse Expansion model (mixture of sparse FFN experts) and save it")
     _add_pruning_options(expand)
     _add_expansion_options(expand)
     _add_data_options(expand)
-    expand.add_argument("--out", required=True, help="output directory (written atomically)")
-    expand.add_argument("--eval", action="store_true", help="also measure perplexity and record it in the manifest")
-    expand.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_output_options(expand)
 
     gen = sub.add_parser("generate", help="generate text with a dense, pruned or expanded model (KV cache on)")
     gen.add_argument("--model", default=None, help="model directory (default: the embedded model)")
