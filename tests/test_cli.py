@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import sparse_expansion
+
 from sparse_expansion.cli import main
 
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-samples", "3", "--quiet"]
@@ -33,10 +35,19 @@ def test_prune_writes_a_loadable_directory_with_a_manifest(llama_dir, corpus_dir
     assert len(manifest["layers"]) == 2 * 3
     assert all(abs(layer["sparsity"] - 0.5) < 0.01 for layer in manifest["layers"].values())
     assert manifest["perplexity"]["eval_tokens"] == 3 * 32
+    assert manifest["weights"]["format"] == "compressed"
+    assert manifest["weights"]["bytes"] < manifest["weights"]["dense_bytes"]
     assert any(p.suffix == ".safetensors" for p in out.iterdir())
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in out.iterdir())
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = sparse_expansion.load(str(out)).model
     assert (model.model.layers[0].mlp.down_proj.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    # --format dense: a plain Hugging Face checkpoint with the same weights.
+    dense_out = tmp_path / "pruned-dense"
+    assert run_cli(["prune", "--model", str(llama_dir), "--data", str(corpus_dir), "--method", "sparsegpt",
+                    "--sparsity", "0.5", "--out", str(dense_out), "--format", "dense", *SMALL], capsys)[0] == 0
+    hf_model = AutoModelForCausalLM.from_pretrained(dense_out)
+    for (name, a), (_, b) in zip(model.state_dict().items(), hf_model.state_dict().items()):
+        assert torch.equal(a, b), name
     # The pruned directory evaluates like any model directory.
     code, stdout, _ = run_cli(["eval", "--model", str(out), "--data", str(corpus_dir), *SMALL], capsys)
     assert code == 0 and "perplexity" in stdout
@@ -45,7 +56,7 @@ def test_prune_writes_a_loadable_directory_with_a_manifest(llama_dir, corpus_dir
 def test_nm_with_quantization(llama_dir, corpus_dir, tmp_path, capsys):
     out = tmp_path / "nm"
     code, _, err = run_cli(["prune", "--model", str(llama_dir), "--data", str(corpus_dir), "--nm", "2:4",
-                            "--bits", "4", "--out", str(out), *SMALL], capsys)
+                            "--bits", "4", "--out", str(out), "--format", "dense", *SMALL], capsys)
     assert code == 0, err
     weight = AutoModelForCausalLM.from_pretrained(out).model.layers[1].mlp.up_proj.weight
     assert ((weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
@@ -208,7 +219,7 @@ def test_loading_a_corrupted_expanded_model_fails_cleanly(llama_dir, corpus_dir,
     out = tmp_path / "se"
     assert run_cli(["expand", "--model", str(llama_dir), "--data", str(corpus_dir), "--experts", "2",
                     "--pca-reduction", "8", "--sparsity", "0.5", "--out", str(out), *SMALL], capsys)[0] == 0
-    weights = out / "model.safetensors"
+    weights = out / json.loads((out / "expansion.json").read_text())["weights_file"]
     weights.write_bytes(weights.read_bytes()[:1000])
     code, _, err = run_cli(["eval", "--model", str(out), "--data", str(corpus_dir), *SMALL], capsys)
     _assert_clean_failure(code, err, None, "corrupted or truncated")

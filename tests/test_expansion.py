@@ -167,9 +167,12 @@ def expanded_llama(tokenizer):
     return model, report
 
 
-def test_save_and_load_give_identical_logits(expanded_llama, tokenizer, tmp_path):
+@pytest.mark.parametrize("weight_format", ["auto", "dense"])
+def test_save_and_load_give_identical_logits(expanded_llama, tokenizer, tmp_path, weight_format):
     model, _ = expanded_llama
-    save_expanded(model, tokenizer, tmp_path / "se", manifest={"test": True})
+    save_expanded(model, tokenizer, tmp_path / "se", manifest={"test": True}, weight_format=weight_format)
+    expected_file = "model.safetensors" if weight_format == "dense" else "model.compressed.safetensors"
+    assert (tmp_path / "se" / expected_file).is_file()
     loaded, _ = load_expanded(tmp_path / "se")
     x = small_windows(2, 20, seed=5)
     with torch.no_grad():
@@ -203,18 +206,19 @@ def test_loading_bad_directories(expanded_llama, tokenizer, tmp_path, llama_dir)
         load_expanded(llama_dir)
     model, _ = expanded_llama
     save_expanded(model, tokenizer, tmp_path / "good", manifest={})
-    weights = tmp_path / "good" / "model.safetensors"
+    name = "model.compressed.safetensors"
+    weights = tmp_path / "good" / name
     data = bytearray(weights.read_bytes())
     corrupted = tmp_path / "corrupted"
     save_expanded(model, tokenizer, corrupted, manifest={})
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0xFF
-    (corrupted / "model.safetensors").write_bytes(bytes(flipped))
+    (corrupted / name).write_bytes(bytes(flipped))
     with pytest.raises(UsageError, match="corrupted or truncated"):
         load_expanded(corrupted)
     truncated = tmp_path / "truncated"
     save_expanded(model, tokenizer, truncated, manifest={})
-    (truncated / "model.safetensors").write_bytes(bytes(data[: len(data) // 3]))
+    (truncated / name).write_bytes(bytes(data[: len(data) // 3]))
     with pytest.raises(UsageError, match="corrupted or truncated"):
         load_expanded(truncated)
 

@@ -64,6 +64,9 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--eval", action="store_true", help="also measure perplexity and record it in the manifest")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--format", choices=("auto", "compressed", "dense"), default="auto",
+                        help="weights: compressed sparse tensors (auto: when smaller) or a dense checkpoint "
+                             "that any Hugging Face tool reads (prune only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +189,8 @@ def cmd_prune(args) -> int:
     report = workflow.prune_session_model(session, session.model, args.method, spec, options)
     extra = {"perplexity": workflow.evaluate(session, session.model)} if args.eval else None
     data = workflow.manifest(session, "prune", report, options, extra)
-    workflow.save_model_dir(session, session.model, args.out, data, overwrite=args.overwrite)
+    workflow.save_model_dir(session, session.model, args.out, data, overwrite=args.overwrite,
+                            weight_format=args.format)
     print(f"{args.method} {spec.label}: measured sparsity {report.overall_sparsity():.4f} over "
           f"{len(report.layers)} layers in {report.seconds:.1f} s -> {args.out}")
     if extra:
@@ -209,7 +213,8 @@ def cmd_expand(args) -> int:
     if args.eval:
         extra["perplexity"] = workflow.evaluate(session, session.model)
     data = workflow.manifest(session, "expand", report, options, extra)
-    save_expanded(session.model, session.tokenizer, args.out, data, overwrite=args.overwrite)
+    save_expanded(session.model, session.tokenizer, args.out, data, overwrite=args.overwrite,
+                  weight_format=args.format)
     print(f"sparse expansion x{config.experts} at {spec.label}: {report.overall_sparsity():.4f} sparsity per expert, "
           f"{report.fallbacks()} fallback experts, {report.seconds:.1f} s -> {args.out}")
     costs = extra["costs"]

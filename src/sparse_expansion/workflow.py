@@ -18,7 +18,8 @@ from .data import Corpus, calibration_windows, evaluation_windows, load_corpus
 from .errors import UsageError
 from .evaluation import perplexity
 from .expansion import ExpansionConfig, ExpansionReport, expand_model, ffn_costs
-from .io import atomic_output_dir
+from .io import atomic_output_dir, save_compressed
+from .io.compressed import COMPRESSED_WEIGHTS_FILE, encoded_sizes
 from .models import ModelLayout, discover, load_model
 from .models.loading import LoadedModel, context_length, resolve_device
 from .pruning import PruneOptions, PruneReport, SparsitySpec, get_method, prune_model
@@ -187,10 +188,35 @@ def manifest(session: Session, command: str, report: PruneReport | ExpansionRepo
     return data
 
 
-def save_model_dir(session: Session, model, out: str | Path, manifest_data: dict, overwrite: bool = False) -> Path:
-    """Write a Hugging Face-loadable directory (safetensors) plus manifest.json, atomically."""
+WEIGHT_FORMATS = ("auto", "compressed", "dense")
+
+
+def save_model_dir(session: Session, model, out: str | Path, manifest_data: dict, overwrite: bool = False,
+                   weight_format: str = "auto") -> Path:
+    """Write a model directory atomically: config, tokenizer, weights, manifest.json.
+
+    Weights: `dense` is a plain Hugging Face checkpoint (`model.safetensors`, readable by any tool);
+    `compressed` stores sparse tensors as bitmask or CSR (`model.compressed.safetensors`, see
+    docs/FORMATS.md); `auto` compresses whenever that is smaller.
+    """
+    if weight_format not in WEIGHT_FORMATS:
+        raise UsageError(f"unknown --format {weight_format!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    state = model.state_dict()
+    if weight_format == "auto":
+        sizes = [encoded_sizes(t) for t in state.values()]
+        weight_format = "compressed" if sum(min(x.values()) for x in sizes) < sum(x["dense"] for x in sizes) \
+            else "dense"
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if weight_format == "dense":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            index = save_compressed(state, tmp / COMPRESSED_WEIGHTS_FILE)
+            manifest_data = dict(manifest_data, weights={
+                "format": "compressed", "bytes": sum(e.get("bytes", 0) for e in index.values()),
+                "dense_bytes": sum(e.get("dense_bytes", 0) for e in index.values())})
         session.tokenizer.save_pretrained(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest_data, indent=2) + "\n", encoding="utf-8")
     return Path(out)

@@ -5,8 +5,9 @@ An expanded model directory holds:
 - `expansion.json`: the format tag, the sha256 of the weights file (checked on load) and, for every
   expanded block, its routers (input width, PCA dimensions, experts) and expanded linears (router,
   experts, bias);
-- `model.safetensors`: the whole state dict, expert stacks `(k, out, in)` and router buffers
-  (`mean`, `projection`, `centroids`) included; tied tensors are stored once;
+- `model.compressed.safetensors` (or `model.safetensors` with `--format dense`): the whole state
+  dict, expert stacks `(k, out, in)` and router buffers (`mean`, `projection`, `centroids`) included;
+  tied tensors are stored once; sparse tensors as bitmask or CSR (io/compressed.py);
 - `manifest.json`: what was done (settings, data, measured sparsity, cluster sizes, costs).
 Loading rebuilds the architecture from the config, swaps in the expanded layers and routers, and
 loads the state dict strictly, so a reload reproduces the logits bit for bit.
@@ -24,7 +25,8 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from ..errors import UsageError
-from ..io import atomic_output_dir
+from ..io import atomic_output_dir, load_compressed, save_compressed
+from ..io.compressed import COMPRESSED_WEIGHTS_FILE, encoded_sizes
 from ..models.discovery import discover
 from .modules import ROUTERS_ATTR, ExpertLinear
 from .router import Router
@@ -68,7 +70,12 @@ def describe_structure(model, blocks_path: str, blocks) -> dict:
     return {"format": FORMAT, "version": FORMAT_VERSION, "blocks_path": blocks_path, "blocks": layers}
 
 
-def save_expanded(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False) -> Path:
+def save_expanded(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False,
+                  weight_format: str = "auto") -> Path:
+    """`weight_format`: `dense` (every expert stored with its zeros), `compressed` (bitmask/CSR per
+    tensor, see io/compressed.py) or `auto` (compressed whenever that is smaller)."""
+    if weight_format not in ("auto", "compressed", "dense"):
+        raise UsageError(f"unknown --format {weight_format!r}; choose one of auto, compressed, dense")
     layout = discover(model)
     structure = describe_structure(model, layout.blocks_path, layout.blocks)
     if not structure["blocks"]:
@@ -78,8 +85,19 @@ def save_expanded(model, tokenizer, out: str | Path, manifest: dict, overwrite: 
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_safetensors_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": FORMAT})
-        structure["sha256"] = {WEIGHTS_FILE: file_sha256(tmp / WEIGHTS_FILE)}
+        state = model.state_dict()
+        if weight_format == "auto":
+            sizes = [encoded_sizes(t) for t in state.values()]
+            smaller = sum(min(x.values()) for x in sizes) < sum(x["dense"] for x in sizes)
+            weight_format = "compressed" if smaller else "dense"
+        if weight_format == "dense":
+            weights_file = WEIGHTS_FILE
+            save_safetensors_model(model, str(tmp / weights_file), metadata={"format": "pt", "producer": FORMAT})
+        else:
+            weights_file = COMPRESSED_WEIGHTS_FILE
+            save_compressed(state, tmp / weights_file, metadata={"producer": FORMAT})
+        structure["weights_file"] = weights_file
+        structure["sha256"] = {weights_file: file_sha256(tmp / weights_file)}
         (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, indent=2) + "\n", encoding="utf-8")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return Path(out)
@@ -118,10 +136,11 @@ def load_expanded(path: str | Path, dtype: torch.dtype | None = None, trust_remo
         raise UsageError(f"{structure_file} is not valid JSON: {exc}") from None
     if structure.get("format") != FORMAT or structure.get("version") != FORMAT_VERSION:
         raise UsageError(f"{structure_file} is not a {FORMAT} v{FORMAT_VERSION} description")
-    weights = path / WEIGHTS_FILE
+    weights_file = structure.get("weights_file", WEIGHTS_FILE)
+    weights = path / weights_file
     if not weights.is_file():
-        raise UsageError(f"{path} has no {WEIGHTS_FILE}")
-    expected = structure.get("sha256", {}).get(WEIGHTS_FILE)
+        raise UsageError(f"{path} has no {weights_file}")
+    expected = structure.get("sha256", {}).get(weights_file)
     if expected and file_sha256(weights) != expected:
         raise UsageError(f"{weights} is corrupted or truncated (sha256 differs from {STRUCTURE_FILE})")
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
@@ -133,7 +152,10 @@ def load_expanded(path: str | Path, dtype: torch.dtype | None = None, trust_remo
     except (KeyError, IndexError, AttributeError, TypeError) as exc:
         raise UsageError(f"{structure_file} does not match the model in config.json: {exc}") from None
     try:
-        missing, unexpected = load_safetensors_model(model, str(weights), strict=True)
+        if weights_file == COMPRESSED_WEIGHTS_FILE:
+            model.load_state_dict(load_compressed(weights), strict=True)
+        else:
+            load_safetensors_model(model, str(weights), strict=True)
     except SafetensorError as exc:
         raise UsageError(f"{weights} is corrupted or truncated: {str(exc).splitlines()[0]}") from None
     except RuntimeError as exc:

