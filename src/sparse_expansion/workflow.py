@@ -19,7 +19,7 @@ from .errors import UsageError
 from .evaluation import perplexity
 from .expansion import ExpansionConfig, ExpansionReport, expand_model, ffn_costs
 from .io import atomic_output_dir, save_compressed
-from .io.compressed import COMPRESSED_WEIGHTS_FILE, encoded_sizes
+from .io.compressed import COMPRESSED_WEIGHTS_FILE, resolve_weight_format
 from .models import ModelLayout, discover, load_model
 from .models.loading import LoadedModel, context_length, resolve_device
 from .pruning import PruneOptions, PruneReport, SparsitySpec, get_method, prune_model
@@ -188,9 +188,6 @@ def manifest(session: Session, command: str, report: PruneReport | ExpansionRepo
     return data
 
 
-WEIGHT_FORMATS = ("auto", "compressed", "dense")
-
-
 def save_model_dir(session: Session, model, out: str | Path, manifest_data: dict, overwrite: bool = False,
                    weight_format: str = "auto") -> Path:
     """Write a model directory atomically: config, tokenizer, weights, manifest.json.
@@ -199,13 +196,8 @@ def save_model_dir(session: Session, model, out: str | Path, manifest_data: dict
     `compressed` stores sparse tensors as bitmask or CSR (`model.compressed.safetensors`, see
     docs/FORMATS.md); `auto` compresses whenever that is smaller.
     """
-    if weight_format not in WEIGHT_FORMATS:
-        raise UsageError(f"unknown --format {weight_format!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     state = model.state_dict()
-    if weight_format == "auto":
-        sizes = [encoded_sizes(t) for t in state.values()]
-        weight_format = "compressed" if sum(min(x.values()) for x in sizes) < sum(x["dense"] for x in sizes) \
-            else "dense"
+    weight_format = resolve_weight_format(state, weight_format)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if weight_format == "dense":
             model.save_pretrained(tmp, safe_serialization=True)

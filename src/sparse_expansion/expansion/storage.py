@@ -26,7 +26,7 @@ from safetensors.torch import save_model as save_safetensors_model
 
 from ..errors import UsageError
 from ..io import atomic_output_dir, load_compressed, save_compressed
-from ..io.compressed import COMPRESSED_WEIGHTS_FILE, encoded_sizes
+from ..io.compressed import COMPRESSED_WEIGHTS_FILE, resolve_weight_format
 from ..models.discovery import discover
 from .modules import ROUTERS_ATTR, ExpertLinear
 from .router import Router
@@ -74,8 +74,8 @@ def save_expanded(model, tokenizer, out: str | Path, manifest: dict, overwrite: 
                   weight_format: str = "auto") -> Path:
     """`weight_format`: `dense` (every expert stored with its zeros), `compressed` (bitmask/CSR per
     tensor, see io/compressed.py) or `auto` (compressed whenever that is smaller)."""
-    if weight_format not in ("auto", "compressed", "dense"):
-        raise UsageError(f"unknown --format {weight_format!r}; choose one of auto, compressed, dense")
+    state = model.state_dict()
+    weight_format = resolve_weight_format(state, weight_format)
     layout = discover(model)
     structure = describe_structure(model, layout.blocks_path, layout.blocks)
     if not structure["blocks"]:
@@ -85,11 +85,6 @@ def save_expanded(model, tokenizer, out: str | Path, manifest: dict, overwrite: 
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        state = model.state_dict()
-        if weight_format == "auto":
-            sizes = [encoded_sizes(t) for t in state.values()]
-            smaller = sum(min(x.values()) for x in sizes) < sum(x["dense"] for x in sizes)
-            weight_format = "compressed" if smaller else "dense"
         if weight_format == "dense":
             weights_file = WEIGHTS_FILE
             save_safetensors_model(model, str(tmp / weights_file), metadata={"format": "pt", "producer": FORMAT})

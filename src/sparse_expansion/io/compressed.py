@@ -46,6 +46,19 @@ def encoded_sizes(tensor: torch.Tensor) -> dict[str, int]:
     return sizes
 
 
+WEIGHT_FORMATS = ("auto", "compressed", "dense")
+
+
+def resolve_weight_format(state: dict[str, torch.Tensor], requested: str) -> str:
+    """`dense` or `compressed`; `auto` picks compressed whenever that is smaller than dense."""
+    if requested not in WEIGHT_FORMATS:
+        raise UsageError(f"unknown --format {requested!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    if requested != "auto":
+        return requested
+    sizes = [encoded_sizes(t) for t in state.values()]
+    return "compressed" if sum(min(x.values()) for x in sizes) < sum(x["dense"] for x in sizes) else "dense"
+
+
 def _encode(name: str, tensor: torch.Tensor, encoding: str) -> dict[str, torch.Tensor]:
     flat = tensor.detach().contiguous().cpu()
     if encoding == "dense":
