@@ -225,3 +225,15 @@ def test_loading_a_corrupted_expanded_model_fails_cleanly(llama_dir, corpus_dir,
     _assert_clean_failure(code, err, None, "corrupted or truncated")
     code, _, err = run_cli(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"], capsys)
     _assert_clean_failure(code, err, None, "model path not found")
+
+
+def test_kernel_bench_reports_a_speedup(tmp_path, capsys):
+    out = tmp_path / "kernel.json"
+    code, stdout, err = run_cli(["bench", "--kernel", "--rows", "64", "--cols", "128", "--sparsity", "0.9",
+                                 "--batch", "4", "--json", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["speedup"] == result["single"]["speedup"] > 0
+    assert result["nnz"] == pytest.approx(64 * 128 * 0.1, rel=0.3)
+    code, _, err = run_cli(["bench"], capsys)
+    _assert_clean_failure(code, err, None, "pass --kernel")

@@ -1,4 +1,4 @@
-"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,compare}`."""
+"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,compare,bench}`."""
 
 from __future__ import annotations
 
@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--trust-remote-code", action="store_true")
     gen.add_argument("--quiet", action="store_true", help="print only the generated text")
+
+    bench = sub.add_parser("bench", help="measure kernels: dense versus sparse products (--kernel)")
+    bench.add_argument("--kernel", action="store_true", help="random weights of one shape (the only mode so far)")
+    bench.add_argument("--rows", type=int, default=11008)
+    bench.add_argument("--cols", type=int, default=4096)
+    bench.add_argument("--sparsity", type=float, default=0.7)
+    bench.add_argument("--batch", type=int, default=128, help="tokens in the batched case (default 128)")
+    bench.add_argument("--json", default=None, help="write the result as JSON")
 
     ev = sub.add_parser("eval", help="perplexity of a model")
     _add_data_options(ev)
@@ -252,6 +260,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .inference.kernel_bench import kernel_benchmark
+    from .io import atomic_write_text
+
+    if not args.kernel:
+        raise UsageError("only kernel mode exists so far: pass --kernel (model mode is not implemented yet)")
+    result = kernel_benchmark(args.rows, args.cols, args.sparsity, batch=args.batch)
+    for label in ("single", "batched"):
+        t = result[label]
+        tokens = 1 if label == "single" else args.batch
+        print(f"{args.rows}x{args.cols} at {args.sparsity:.0%}, {tokens} token(s): dense {t['dense_ms']:.3f} ms, "
+              f"torch CSR {t['torch_csr_ms']:.3f} ms, scipy CSR {t['scipy_csr_ms']:.3f} ms -> "
+              f"speedup {t['speedup']:.2f}x ({t['best_sparse']})")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from . import workflow
     from .io import atomic_write_text
@@ -298,14 +324,14 @@ def cmd_compare(args) -> int:
 
 
 COMMANDS = {"prune": cmd_prune, "expand": cmd_expand, "generate": cmd_generate, "eval": cmd_eval,
-            "compare": cmd_compare}
+            "compare": cmd_compare, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if args.quiet:
+    if getattr(args, "quiet", False):
         os.environ.setdefault("TQDM_DISABLE", "1")
         from transformers.utils import logging as hf_logging
 

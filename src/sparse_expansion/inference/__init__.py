@@ -1,0 +1,1 @@
+"""Inference-time kernels and their measurement."""
