@@ -148,41 +148,33 @@ def manifest(session: Session, command: str, report: PruneReport | ExpansionRepo
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    if isinstance(report, ExpansionReport):
-        data.update({
-            "method": "sparse-expansion",
-            "experts": report.config.experts,
-            "pca_reduction": report.config.pca_reduction,
-            "kmeans_restarts": report.config.kmeans_restarts,
-            "router_backend": report.config.backend,
-            "min_cluster_tokens": report.config.min_cluster_tokens,
-            "sparsity": report.spec.sparsity,
-            "nm": f"{report.spec.n}:{report.spec.m}" if report.spec.is_nm else None,
-            "bits": options.bits if options else None,
-            "blocksize": options.blocksize if options else None,
-            "percdamp": options.percdamp if options else None,
-            "calib_tokens": int(session._calib.numel()),
-            "build_seconds": report.seconds,
-            "router_seconds": report.router_seconds,
-            "overall_sparsity": report.overall_sparsity(),
-            "fallback_experts": report.fallbacks(),
-            "routers": report.routers,
-            "layers": report.layers,
-        })
-    elif report is not None:
+    if report is not None:
+        expansion = isinstance(report, ExpansionReport)
         calib = session._calib
         data.update({
-            "method": report.method,
+            "method": "sparse-expansion" if expansion else report.method,
             "sparsity": report.spec.sparsity,
             "nm": f"{report.spec.n}:{report.spec.m}" if report.spec.is_nm else None,
             "bits": options.bits if options else None,
             "blocksize": options.blocksize if options else None,
             "percdamp": options.percdamp if options else None,
-            "calib_tokens": int(calib.numel()) if calib is not None and report.method != "magnitude" else 0,
-            "prune_seconds": report.seconds,
+            "calib_tokens": int(calib.numel()) if calib is not None else 0,
+            "seconds": report.seconds,
             "overall_sparsity": report.overall_sparsity(),
-            "layers": report.layers,
         })
+        if expansion:
+            config = report.config
+            data.update({
+                "experts": config.experts,
+                "pca_reduction": config.pca_reduction,
+                "kmeans_restarts": config.kmeans_restarts,
+                "router_backend": config.backend,
+                "min_cluster_tokens": config.min_cluster_tokens,
+                "router_seconds": report.router_seconds,
+                "fallback_experts": report.fallbacks(),
+                "routers": report.routers,
+            })
+        data["layers"] = report.layers
     if extra:
         data.update(extra)
     return data
