@@ -21,7 +21,7 @@ from .expansion import ExpansionConfig, ExpansionReport, expand_model, ffn_costs
 from .io import atomic_output_dir, save_compressed
 from .io.compressed import COMPRESSED_WEIGHTS_FILE, resolve_weight_format
 from .models import ModelLayout, discover, load_model
-from .models.loading import LoadedModel, context_length, resolve_device
+from .models.loading import LoadedModel, context_length, resolve_device, save_config_files
 from .pruning import PruneOptions, PruneReport, SparsitySpec, get_method, prune_model
 
 
@@ -194,9 +194,7 @@ def save_model_dir(session: Session, model, out: str | Path, manifest_data: dict
         if weight_format == "dense":
             model.save_pretrained(tmp, safe_serialization=True)
         else:
-            model.config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
+            save_config_files(model, tmp)
             index = save_compressed(state, tmp / COMPRESSED_WEIGHTS_FILE)
             manifest_data = dict(manifest_data, weights={
                 "format": "compressed", "bytes": sum(e.get("bytes", 0) for e in index.values()),

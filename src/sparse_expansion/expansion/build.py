@@ -31,7 +31,7 @@ from ..pruning.methods import PruneOptions
 from ..pruning.sparsegpt import hessian_factors, sparsegpt_prune
 from ..pruning.spec import SparsitySpec
 from ..pruning.statistics import Hessian
-from .modules import ROUTERS_ATTR, ExpertLinear
+from .modules import ROUTERS_ATTR, ExpertLinear, clear_router_memos
 from .router import Router, fit_router, pca_components
 
 
@@ -189,5 +189,6 @@ def expand_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, s
     engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=progress,
                                    desc=f"expand x{config.experts}")
     engine.run(windows, process_block)
+    clear_router_memos(model)  # drop the last calibration batch the routers still hold
     report.seconds = time.perf_counter() - start
     return report

@@ -28,6 +28,7 @@ from ..errors import UsageError
 from ..io import atomic_output_dir, load_compressed, save_compressed
 from ..io.compressed import COMPRESSED_WEIGHTS_FILE, resolve_weight_format
 from ..models.discovery import discover
+from ..models.loading import save_config_files
 from .modules import ROUTERS_ATTR, ExpertLinear
 from .router import Router
 
@@ -81,9 +82,7 @@ def save_expanded(model, tokenizer, out: str | Path, manifest: dict, overwrite: 
     if not structure["blocks"]:
         raise UsageError("the model has no expanded layers to save")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
+        save_config_files(model, tmp)
         tokenizer.save_pretrained(tmp)
         if weight_format == "dense":
             weights_file = WEIGHTS_FILE

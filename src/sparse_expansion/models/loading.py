@@ -238,6 +238,13 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=local_dir)
 
 
+def save_config_files(model, directory: Path) -> None:
+    """config.json (and generation_config.json when the model has one), as save_pretrained writes them."""
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+
+
 def context_length(model) -> int | None:
     """The longest sequence the model's position scheme supports, when the config says."""
     config = model.config
