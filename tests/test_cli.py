@@ -236,4 +236,18 @@ def test_kernel_bench_reports_a_speedup(tmp_path, capsys):
     assert result["speedup"] == result["single"]["speedup"] > 0
     assert result["nnz"] == pytest.approx(64 * 128 * 0.1, rel=0.3)
     code, _, err = run_cli(["bench"], capsys)
-    _assert_clean_failure(code, err, None, "pass --kernel")
+    _assert_clean_failure(code, err, None, "exactly one of --kernel or --model")
+
+
+def test_model_bench_against_a_baseline(llama_dir, corpus_dir, tmp_path, capsys):
+    expanded = tmp_path / "se"
+    assert run_cli(["expand", "--model", str(llama_dir), "--data", str(corpus_dir), "--experts", "2",
+                    "--pca-reduction", "8", "--sparsity", "0.5", "--out", str(expanded), *SMALL], capsys)[0] == 0
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(["bench", "--model", str(expanded), "--baseline", str(llama_dir), "--prompt-tokens",
+                                 "16", "--new-tokens", "4", "--repeats", "1", "--json", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["decode_speedup"] > 0 and result["prefill_speedup"] > 0
+    assert result["model"]["ffn_flops_per_token"] < result["baseline"]["ffn_flops_per_token"]
+    assert result["model"]["disk_bytes"] > 0 and result["baseline"]["disk_bytes"] > 0

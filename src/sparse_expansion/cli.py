@@ -96,8 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--trust-remote-code", action="store_true")
     gen.add_argument("--quiet", action="store_true", help="print only the generated text")
 
-    bench = sub.add_parser("bench", help="measure kernels: dense versus sparse products (--kernel)")
-    bench.add_argument("--kernel", action="store_true", help="random weights of one shape (the only mode so far)")
+    bench = sub.add_parser("bench", help="speed: a model against a dense baseline (--model), or kernels (--kernel)")
+    bench.add_argument("--kernel", action="store_true", help="dense versus sparse products on random weights")
+    bench.add_argument("--model", default=None, help="model directory to measure against --baseline")
+    bench.add_argument("--baseline", default=None, help="dense baseline (default: the embedded model)")
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--rows", type=int, default=11008)
     bench.add_argument("--cols", type=int, default=4096)
     bench.add_argument("--sparsity", type=float, default=0.7)
@@ -264,8 +269,21 @@ def cmd_bench(args) -> int:
     from .inference.kernel_bench import kernel_benchmark
     from .io import atomic_write_text
 
-    if not args.kernel:
-        raise UsageError("only kernel mode exists so far: pass --kernel (model mode is not implemented yet)")
+    if args.kernel == bool(args.model):
+        raise UsageError("bench needs exactly one of --kernel or --model DIR")
+    if args.model:
+        from .inference.model_bench import model_benchmark
+
+        result = model_benchmark(args.model, args.baseline, args.prompt_tokens, args.new_tokens, args.repeats)
+        for name in ("baseline", "model"):
+            r = result[name]
+            print(f"{name}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s, "
+                  f"disk {r['disk_bytes'] or 0:,} bytes, parameters {r['parameter_bytes']:,} bytes")
+        print(f"speedup: prefill {result['prefill_speedup']:.2f}x, decode {result['decode_speedup']:.2f}x; "
+              f"peak RSS {result['peak_rss_mb']:.0f} MB (both models)")
+        if args.json:
+            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        return 0
     result = kernel_benchmark(args.rows, args.cols, args.sparsity, batch=args.batch)
     for label in ("single", "batched"):
         t = result[label]

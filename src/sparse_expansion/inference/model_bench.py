@@ -1,0 +1,73 @@
+"""Prefill and decode speed of a model against a dense baseline, in the same process.
+
+Both models see the same random prompt. Prefill: one forward pass over the prompt without a cache.
+Decode: greedy steps of one token each with the KV cache, after a prefill that fills the cache.
+Each measurement alternates baseline and candidate and keeps the median of `repeats`, so slow drift
+of the machine affects both alike.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from ..expansion.costs import ffn_costs
+from ..models import discover, load_model
+
+
+def _directory_bytes(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
+
+@torch.no_grad()
+def _prefill_seconds(model, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def _decode_seconds(model, ids: torch.Tensor, steps: int) -> float:
+    out = model(input_ids=ids, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - start
+
+
+def model_benchmark(model: str, baseline: str | None = None, prompt_tokens: int = 128, new_tokens: int = 32,
+                    repeats: int = 3, seed: int = 0) -> dict:
+    if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
+        raise UsageError("--prompt-tokens, --new-tokens and --repeats must be positive")
+    candidate = load_model(model, quiet=True)
+    reference = load_model(baseline, quiet=True)
+    vocab = min(candidate.model.config.vocab_size, reference.model.config.vocab_size)
+    ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+    times = {"baseline": {"prefill": [], "decode": []}, "model": {"prefill": [], "decode": []}}
+    for _ in range(repeats):
+        for name, loaded in (("baseline", reference), ("model", candidate)):
+            times[name]["prefill"].append(_prefill_seconds(loaded.model, ids))
+            times[name]["decode"].append(_decode_seconds(loaded.model, ids, new_tokens))
+    result = {"model": str(model), "baseline": reference.source, "prompt_tokens": prompt_tokens,
+              "new_tokens": new_tokens, "repeats": repeats, "threads": torch.get_num_threads()}
+    for name, loaded in (("baseline", reference), ("model", candidate)):
+        prefill = statistics.median(times[name]["prefill"])
+        decode = statistics.median(times[name]["decode"])
+        costs = ffn_costs(loaded.model, discover(loaded.model))
+        result[name] = {"prefill_tokens_per_s": prompt_tokens / prefill, "decode_tokens_per_s": new_tokens / decode,
+                        "disk_bytes": _directory_bytes(loaded.path), "parameter_bytes": costs["stored_bytes"],
+                        "ffn_flops_per_token": costs["ffn_flops_per_token"]}
+    result["prefill_speedup"] = result["model"]["prefill_tokens_per_s"] / result["baseline"]["prefill_tokens_per_s"]
+    result["decode_speedup"] = result["model"]["decode_tokens_per_s"] / result["baseline"]["decode_tokens_per_s"]
+    # Both models live in this process: the peak covers the pair.
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
