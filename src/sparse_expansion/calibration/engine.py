@@ -69,14 +69,13 @@ class SequentialCalibration:
 
     def _move_non_block_parts(self, device: torch.device) -> None:
         """Move embeddings, norms, rotary tables, ... but not the (possibly large) blocks."""
-        parent_path, _, attr = self.layout.blocks_path.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        blocks = getattr(parent, attr)
-        setattr(parent, attr, nn.ModuleList())
+        path = self.layout.blocks_path
+        blocks = self.model.get_submodule(path)
+        self.model.set_submodule(path, nn.ModuleList())
         try:
             self.model.to(device)
         finally:
-            setattr(parent, attr, blocks)
+            self.model.set_submodule(path, blocks)
 
     @torch.no_grad()
     def capture(self, windows: torch.Tensor) -> list[BlockBatch]:

@@ -84,12 +84,6 @@ def input_groups(layout: ModelLayout) -> dict[str, list[str]]:
     return groups
 
 
-def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
-    parent_path, _, attr = name.rpartition(".")
-    parent = block.get_submodule(parent_path) if parent_path else block
-    setattr(parent, attr, new)
-
-
 def _cluster_hessians(batches: list[torch.Tensor], router: Router, device: torch.device) -> tuple[list[Hessian], list[int]]:
     """One Hessian per cluster, fed batch by batch with that cluster's tokens (in order)."""
     hessians = [Hessian(router.in_features, device) for _ in range(router.experts)]
@@ -155,7 +149,7 @@ def expand_block(block: nn.Module, index: int, layout: ModelLayout, feed, spec: 
                                      factors=factors)
             bias = module.bias.detach().clone() if getattr(module, "bias", None) is not None else None
             expert_linear = ExpertLinear(router, result.weight.to(weight.dtype), bias)
-            _replace(block, name, expert_linear)
+            block.set_submodule(name, expert_linear)
             zeros = (expert_linear.weight == 0).flatten(1).sum(1).tolist()
             report.layers[f"{prefix}.{name}"] = {"shape": list(weight.shape), "numel": weight.numel(),
                                                  "router": group, "zeros": zeros,

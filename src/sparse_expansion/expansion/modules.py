@@ -69,10 +69,6 @@ class ExpertLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def expanded_linears(model: nn.Module) -> dict[str, ExpertLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, ExpertLinear)}
-
-
 def clear_router_memos(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Router):

@@ -98,9 +98,7 @@ def save_expanded(model, tokenizer, out: str | Path, manifest: dict, overwrite: 
 
 
 def _rebuild(model, structure: dict) -> None:
-    parent_path, _, attr = structure["blocks_path"].rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    blocks = getattr(parent, attr)
+    blocks = model.get_submodule(structure["blocks_path"])
     for index, spec in structure["blocks"].items():
         block = blocks[int(index)]
         routers = torch.nn.ModuleDict({
@@ -110,9 +108,7 @@ def _rebuild(model, structure: dict) -> None:
         for name, lin in spec["linears"].items():
             weight = torch.zeros(lin["experts"], lin["out_features"], lin["in_features"], dtype=dtype)
             bias = torch.zeros(lin["out_features"], dtype=dtype) if lin["bias"] else None
-            module = ExpertLinear(routers[lin["router"]], weight, bias)
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(block.get_submodule(parent_name) if parent_name else block, leaf, module)
+            block.set_submodule(name, ExpertLinear(routers[lin["router"]], weight, bias))
         setattr(block, ROUTERS_ATTR, routers)
 
 
