@@ -1,4 +1,4 @@
-"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,compare,bench}`."""
+"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,lm-eval,compare,bench}`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
                              "that any Hugging Face tool reads (prune only)")
 
 
+def _add_kernel_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernels", choices=("auto", "always", "off"), default="auto",
+                        help="auto (default): pruned fp32 layers on the CPU use the sparse kernels wherever they "
+                             "measured faster than dense; always: sparse kernels at every size; off: dense only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-expansion",
                                      description="One-shot pruning and Sparse Expansion of causal LMs.")
@@ -95,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--trust-remote-code", action="store_true")
     gen.add_argument("--quiet", action="store_true", help="print only the generated text")
+    _add_kernel_option(gen)
 
     bench = sub.add_parser("bench", help="speed: a model against a dense baseline (--model), or kernels (--kernel)")
     bench.add_argument("--kernel", action="store_true", help="dense versus sparse products on random weights")
@@ -107,11 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cols", type=int, default=4096)
     bench.add_argument("--sparsity", type=float, default=0.7)
     bench.add_argument("--batch", type=int, default=128, help="tokens in the batched case (default 128)")
+    bench.add_argument("--device", default="cpu",
+                       help="--kernel on cuda: dense against 2:4 semi-structured fp16 products (needs a GPU)")
     bench.add_argument("--json", default=None, help="write the result as JSON")
+    _add_kernel_option(bench)
 
     ev = sub.add_parser("eval", help="perplexity of a model")
     _add_data_options(ev)
     ev.add_argument("--json", default=None, help="write the result as JSON")
+
+    lm = sub.add_parser("lm-eval", help="zero-shot tasks (BoolQ, RTE, HellaSwag, ...) through lm-evaluation-harness")
+    lm.add_argument("--model", default=None,
+                    help="dense, pruned or expanded model directory, .gguf file or hub id (default: the embedded model)")
+    lm.add_argument("--tasks", default="boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
+                    help="comma-separated lm-eval task names (default: the SparseGPT/Wanda zero-shot suite, online); "
+                         "sparse_expansion_local_mc works offline")
+    lm.add_argument("--include-path", action="append", default=None,
+                    help="directory of your own lm-eval task YAML files (repeatable)")
+    lm.add_argument("--limit", type=int, default=None, help="at most N examples per task (quick checks only)")
+    lm.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per prompt (default 0)")
+    lm.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
+    lm.add_argument("--device", default="cpu")
+    lm.add_argument("--dtype", default="float32")
+    lm.add_argument("--trust-remote-code", action="store_true")
+    lm.add_argument("--quiet", action="store_true", help="no progress bars or lm-eval log messages")
+    lm.add_argument("--json", default=None, help="write the results as JSON")
 
     cmp_ = sub.add_parser("compare", help="several methods on the same calibration and test windows")
     cmp_.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt",
@@ -256,6 +283,9 @@ def cmd_generate(args) -> int:
     else:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     ids = ids.to(args.device)
+    from .inference.sparse_model import accelerate
+
+    accelerate(loaded.model, args.kernels)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
@@ -274,7 +304,8 @@ def cmd_bench(args) -> int:
     if args.model:
         from .inference.model_bench import model_benchmark
 
-        result = model_benchmark(args.model, args.baseline, args.prompt_tokens, args.new_tokens, args.repeats)
+        result = model_benchmark(args.model, args.baseline, args.prompt_tokens, args.new_tokens, args.repeats,
+                                 kernels=args.kernels)
         for name in ("baseline", "model"):
             r = result[name]
             print(f"{name}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s, "
@@ -284,13 +315,30 @@ def cmd_bench(args) -> int:
         if args.json:
             atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         return 0
+    if args.device.startswith("cuda"):
+        from .inference.semi_structured import semi_structured_benchmark, semi_structured_supported
+
+        if not semi_structured_supported():
+            raise UsageError("--device cuda: no CUDA GPU with 2:4 sparse tensor cores (compute capability >= 8.0)")
+        result = semi_structured_benchmark(args.rows, args.cols, batch=args.batch)
+        for label in ("single", "batched"):
+            t = result[label]
+            print(f"{args.rows}x{args.cols} 2:4 {result['dtype']} on {result['device']}, {label}: dense "
+                  f"{t['dense_ms']:.4f} ms, semi-structured {t['semi_structured_ms']:.4f} ms, speedup {t['speedup']:.2f}x")
+        if args.json:
+            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        return 0
     result = kernel_benchmark(args.rows, args.cols, args.sparsity, batch=args.batch)
     for label in ("single", "batched"):
         t = result[label]
         tokens = 1 if label == "single" else args.batch
+        kernel = f"kernel {t['kernel_ms']:.3f} ms, layer {t['layer_ms']:.3f} ms, " if "kernel_ms" in t else ""
         print(f"{args.rows}x{args.cols} at {args.sparsity:.0%}, {tokens} token(s): dense {t['dense_ms']:.3f} ms, "
-              f"torch CSR {t['torch_csr_ms']:.3f} ms, scipy CSR {t['scipy_csr_ms']:.3f} ms -> "
-              f"speedup {t['speedup']:.2f}x ({t['best_sparse']})")
+              f"torch CSR {t['torch_csr_ms']:.3f} ms, scipy CSR {t['scipy_csr_ms']:.3f} ms, {kernel}"
+              f"speedup {t['speedup']:.2f}x (memory-bound limit: dense {t['dense_limit_ms']:.3f} ms, "
+              f"CSR {t['csr_limit_ms']:.3f} ms at {result['bandwidth_gbs']:.1f} GB/s)")
+    if not result["kernel_available"]:
+        print(f"sparse kernel unavailable: {result['kernel_unavailable_reason']}")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
@@ -306,6 +354,28 @@ def cmd_eval(args) -> int:
                    "data": session.corpus.summary() if session.corpus else None})
     print(f"perplexity {result['ppl']:.4f} on {result['eval_tokens']} tokens ({result['eval_windows']} windows "
           f"of {args.seqlen})")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from .evaluation import zero_shot
+    from .io import atomic_write_text, check_output_path
+    from .models import load_model
+
+    zero_shot.check_options(args.limit, args.batch_size, args.num_fewshot)
+    if args.json:
+        check_output_path(args.json, overwrite=True)
+    manager = zero_shot.task_manager(args.include_path)  # unknown tasks fail before the model loads
+    tasks = zero_shot.check_tasks(manager, args.tasks)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                        quiet=args.quiet)
+    result = zero_shot.run_lm_eval(loaded, tasks, include_path=args.include_path, limit=args.limit,
+                                   batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=args.device,
+                                   manager=manager, quiet=args.quiet)
+    result["model"] = loaded.source
+    print(zero_shot.format_results(result))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
@@ -342,7 +412,7 @@ def cmd_compare(args) -> int:
 
 
 COMMANDS = {"prune": cmd_prune, "expand": cmd_expand, "generate": cmd_generate, "eval": cmd_eval,
-            "compare": cmd_compare, "bench": cmd_bench}
+            "lm-eval": cmd_lm_eval, "compare": cmd_compare, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""Evaluation: perplexity by the SparseGPT/Wanda protocol."""
+"""Evaluation: perplexity by the SparseGPT/Wanda protocol; zero-shot tasks through lm-eval (optional extra)."""
 
 from .perplexity import PerplexityResult, perplexity
+from .zero_shot import run_lm_eval
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "perplexity", "run_lm_eval"]

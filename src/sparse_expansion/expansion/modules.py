@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..inference.sparse_linear import sparse_product
 from .router import Router
 
 ROUTERS_ATTR = "sparse_expansion_routers"  # ModuleDict attached to each expanded decoder block
@@ -25,6 +25,8 @@ class ExpertLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         object.__setattr__(self, "_router", router)  # not a submodule: the block owns it
+        # Per-expert CSR copies for the CPU sparse kernels (inference/sparse_model.py); None: dense only.
+        self.expert_kernels: list | None = None
 
     @property
     def router(self) -> Router:
@@ -45,14 +47,18 @@ class ExpertLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"experts={self.experts}, in_features={self.in_features}, out_features={self.out_features}"
 
+    def _expert_product(self, expert: int, x2d: torch.Tensor) -> torch.Tensor:
+        kernel = self.expert_kernels[expert] if self.expert_kernels is not None else None
+        return sparse_product(kernel, x2d, self.weight[expert], self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.experts == 1:
-            return F.linear(x, self.weight[0], self.bias)
-        labels = self.router(x)
         flat = x.reshape(-1, self.in_features)
+        if self.experts == 1:
+            return self._expert_product(0, flat).reshape(*x.shape[:-1], self.out_features)
+        labels = self.router(x)
         if flat.shape[0] == 1:
             # One token (decoding): read exactly one expert.
-            out = F.linear(flat, self.weight[labels[0]], self.bias)
+            out = self._expert_product(int(labels[0]), flat)
             return out.reshape(*x.shape[:-1], self.out_features)
         # Group tokens by expert, one matmul per expert that receives tokens, scatter back.
         order = torch.argsort(labels, stable=True)
@@ -63,7 +69,7 @@ class ExpertLinear(nn.Module):
         for expert, count in enumerate(counts):
             if count:
                 end = start + count
-                out_sorted[start:end] = F.linear(grouped[start:end], self.weight[expert], self.bias)
+                out_sorted[start:end] = self._expert_product(expert, grouped[start:end])
                 start = end
         out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
         return out.reshape(*x.shape[:-1], self.out_features)

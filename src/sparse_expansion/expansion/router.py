@@ -32,6 +32,7 @@ class Router(nn.Module):
         self.register_buffer("projection", torch.zeros(in_features, components) if components else torch.zeros(0, 0))
         self.register_buffer("centroids", torch.zeros(experts, dim))
         self._memo: tuple | None = None
+        self._fused_cache: tuple | None = None
 
     @property
     def experts(self) -> int:
@@ -45,12 +46,26 @@ class Router(nn.Module):
         centred = x.reshape(-1, self.in_features).to(self.mean.dtype) - self.mean
         return centred @ self.projection if self.components else centred
 
+    def _fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W = P C^T and b = ||c||^2 + 2 mean^T W, cached until a buffer changes (e.g. a state-dict load)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.mean, self.projection, self.centroids))
+        if self._fused_cache is None or self._fused_cache[0] != key:
+            weight = (self.projection @ self.centroids.t()) if self.components else self.centroids.t()
+            weight = weight.contiguous()
+            bias = self.centroids.pow(2).sum(1) + 2 * (self.mean @ weight)
+            self._fused_cache = (key, weight, bias)
+        return self._fused_cache[1], self._fused_cache[2]
+
     def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest centroid for every token (ties go to the lower index)."""
-        z = self.project(x)
-        # ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2; ||z||^2 does not change the argmin.
-        distances = self.centroids.pow(2).sum(1) - 2 * z @ self.centroids.t()
-        return distances.argmin(dim=1)
+        """Index of the nearest centroid for every token (ties go to the lower index).
+
+        ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2 with z = P^T (x - mean); ||z||^2 does not change the
+        argmin, and z.c = x.(P c) - mean.(P c), so routing is one (tokens x d_in) @ (d_in x k) product:
+        at one token that is a single small matrix-vector product instead of projection and distances.
+        """
+        weight, bias = self._fused()
+        flat = x.reshape(-1, self.in_features).to(weight.dtype)
+        return torch.addmm(bias, flat, weight, alpha=-2).argmin(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # gate_proj and up_proj share one router and receive the very same input tensor: route once.

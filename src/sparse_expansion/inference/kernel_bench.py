@@ -1,8 +1,14 @@
 """Dense against sparse matrix-vector and matrix-matrix products on random weights (CPU).
 
-Candidates: dense torch (`F.linear`), torch CSR with int32 indices, and scipy CSR. Each is timed with
-`torch.utils.benchmark` (median of repeated blocks); the speedup is dense time over the fastest sparse
-candidate's time, for one token and for a batch of tokens.
+Candidates: dense torch (`F.linear`), torch CSR with int32 indices, scipy CSR, and our own kernel
+(`csr_kernels.c`, CSR with 16-bit column indices). `layer` is what a model runs: a `SparseLinear` that
+takes our kernel or the dense product according to the switch it measured for its shape. Each is timed
+with `torch.utils.benchmark` (median of repeated blocks). `speedup` is dense time over the layer's, for
+one token; `kernel_speedup` is dense over our kernel alone (below 1 where the layer falls back to dense).
+
+The physical limit: a one-token product is bound by memory traffic, so next to each time the result
+gives the bytes it must read (weights, indices, input and output) and the time those bytes take at the
+machine's read bandwidth, measured in the same process.
 """
 
 from __future__ import annotations
@@ -11,9 +17,12 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils import benchmark
 
 from ..errors import UsageError
+from . import native
+from .sparse_linear import CSRWeight, SparseLinear, SwitchCache
 
 
 def random_sparse_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
@@ -25,6 +34,19 @@ def random_sparse_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -
 def _median_ms(fn, min_run_time: float) -> float:
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def read_bandwidth_gbs(megabytes: int = 1024, min_run_time: float = 0.5) -> float:
+    """Memory read bandwidth: a sum over a buffer far larger than the caches (GB/s, 1e9 bytes)."""
+    buffer = torch.ones(megabytes * 2 ** 20 // 4)
+    return buffer.numel() * 4 / (_median_ms(lambda: buffer.sum(), min_run_time) * 1e-3) / 1e9
+
+
+def product_bytes(rows: int, cols: int, nnz: int, index_bytes: int, tokens: int = 1) -> dict[str, int]:
+    """Bytes one product must move: the weight in each form, plus the tokens' input and output."""
+    activations = 4 * tokens * (rows + cols)
+    return {"dense": 4 * rows * cols + activations,
+            "csr": nnz * (4 + index_bytes) + 8 * (rows + 1) + activations}
 
 
 def kernel_benchmark(rows: int, cols: int, sparsity: float, batch: int = 128, min_run_time: float = 0.5,
@@ -42,27 +64,48 @@ def kernel_benchmark(rows: int, cols: int, sparsity: float, batch: int = 128, mi
         torch_csr = torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
                                             csr.values(), size=weight.shape, check_invariants=False)
     scipy_csr = scipy.sparse.csr_matrix(weight.numpy())
-    result = {"rows": rows, "cols": cols, "sparsity": sparsity, "batch": batch,
-              "nnz": int(csr.values().numel()), "threads": torch.get_num_threads()}
+    nnz = int(csr.values().numel())
+    result = {"rows": rows, "cols": cols, "sparsity": sparsity, "batch": batch, "nnz": nnz,
+              "threads": torch.get_num_threads(), "kernel_available": native.available()}
+    own = None
+    if result["kernel_available"]:
+        own = CSRWeight(weight)
+        linear = nn.Linear(cols, rows, bias=False)
+        linear.weight.data = weight
+        # The switch is measured at 1 token and at the batch size of this benchmark only.
+        SwitchCache(batch_sizes=tuple(sorted({1, batch}))).apply(own, weight)
+        layer = SparseLinear(linear, own)
+    else:
+        result["kernel_unavailable_reason"] = native.unavailable_reason()
+    result["bandwidth_gbs"] = read_bandwidth_gbs()
+    index_bytes = own.col.element_size() if own is not None else 2
     for label, tokens in (("single", 1), ("batched", batch)):
         x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(seed + 1))
         xt = x.t().contiguous()
         xn = xt.numpy()
         expected = F.linear(x, weight)
-        for name, out in (("torch_csr", (torch_csr @ xt).t()), ("scipy_csr", torch.from_numpy(scipy_csr @ xn).t())):
+        candidates = {"torch_csr": lambda: torch_csr @ xt, "scipy_csr": lambda: scipy_csr @ xn}
+        outputs = {"torch_csr": (torch_csr @ xt).t(), "scipy_csr": torch.from_numpy(scipy_csr @ xn).t()}
+        if own is not None:
+            candidates["kernel"] = lambda: own.matmul(x)
+            outputs["kernel"] = own.matmul(x)
+        for name, out in outputs.items():
             if not torch.allclose(out, expected, rtol=1e-4, atol=1e-3):
                 raise RuntimeError(f"{name} disagrees with the dense product")
-        timings = {
-            "dense_ms": _median_ms(lambda: F.linear(x, weight), min_run_time),
-            "torch_csr_ms": _median_ms(lambda: torch_csr @ xt, min_run_time),
-            "scipy_csr_ms": _median_ms(lambda: scipy_csr @ xn, min_run_time),
-        }
-        best = min(("torch_csr_ms", "scipy_csr_ms"), key=timings.get)
-        timings["best_sparse"] = best.removesuffix("_ms")
-        timings["speedup"] = timings["dense_ms"] / timings[best]
+        with torch.no_grad():
+            timings = {"dense_ms": _median_ms(lambda: F.linear(x, weight), min_run_time)}
+            timings.update({f"{name}_ms": _median_ms(fn, min_run_time) for name, fn in candidates.items()})
+            if own is not None:
+                timings["layer_ms"] = _median_ms(lambda: layer(x), min_run_time)
+                timings["layer_uses_kernel"] = own.use_sparse(tokens)
+        for name in candidates:
+            timings[f"{name}_speedup"] = timings["dense_ms"] / timings[f"{name}_ms"]
+        timings["speedup"] = timings["dense_ms"] / timings.get("layer_ms", timings["dense_ms"])
+        moved = product_bytes(rows, cols, nnz, index_bytes, tokens)
+        timings["dense_bytes"], timings["csr_bytes"] = moved["dense"], moved["csr"]
+        timings["dense_limit_ms"] = moved["dense"] / result["bandwidth_gbs"] / 1e6
+        timings["csr_limit_ms"] = moved["csr"] / result["bandwidth_gbs"] / 1e6
         result[label] = timings
     result["speedup"] = result["single"]["speedup"]
-    # What one matrix-vector product must read: dense fp32 weights, or CSR values + int32 indices.
-    result["dense_bytes"] = rows * cols * 4
-    result["csr_bytes"] = result["nnz"] * 8 + (rows + 1) * 4
+    result["kernel_speedup"] = result["single"].get("kernel_speedup")
     return result

@@ -4,6 +4,11 @@ Both models see the same random prompt. Prefill: one forward pass over the promp
 Decode: greedy steps of one token each with the KV cache, after a prefill that fills the cache.
 Each measurement alternates baseline and candidate and keeps the median of `repeats`, so slow drift
 of the machine affects both alike.
+
+With `kernels="auto"` both models get the CPU sparse kernels where they measured faster (the dense
+baseline has no pruned layer, so it stays dense). The physical limit of decoding: every token must read
+the weights it uses once (the CSR form where a layer runs sparse at one token, one expert per router),
+so `decode_limit_tokens_per_s` = measured read bandwidth / those bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ import torch
 from ..errors import UsageError
 from ..expansion.costs import ffn_costs
 from ..models import discover, load_model
+from ..models.discovery import is_linear
+from .kernel_bench import read_bandwidth_gbs
+from .sparse_linear import SparseLinear
+from .sparse_model import accelerate
 
 
 def _directory_bytes(path: Path | None) -> int | None:
@@ -44,12 +53,50 @@ def _decode_seconds(model, ids: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def _tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def decode_bytes_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes one decoding step reads: every linear layer once, in the form it runs at one token.
+
+    Expanded layers read one expert (the mean over experts) and their router; embeddings read one row
+    unless they are tied to the output layer, which reads them whole.
+    """
+    total = 0
+    linear_weights = set()
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            uses_csr = module.csr.use_sparse(1)
+            total += (module.csr.nbytes if uses_csr else _tensor_bytes(module.weight)) + _tensor_bytes(module.bias)
+        elif getattr(module, "is_expert_linear", False):
+            kernels = module.expert_kernels or [None] * module.experts
+            per_expert = [k.nbytes if k is not None and k.use_sparse(1) else _tensor_bytes(w)
+                          for k, w in zip(kernels, module.weight)]
+            total += sum(per_expert) // len(per_expert) + _tensor_bytes(module.bias)
+        elif is_linear(module):
+            total += _tensor_bytes(module.weight, getattr(module, "bias", None))
+        else:
+            continue
+        linear_weights.add(module.weight.data_ptr())
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            if module.weight.data_ptr() not in linear_weights:
+                total += module.weight.shape[1] * module.weight.element_size()
+        elif type(module).__name__ == "Router" or not any(True for _ in module.children()):
+            if not is_linear(module):
+                total += _tensor_bytes(*module.parameters(recurse=False), *module.buffers(recurse=False))
+    return total
+
+
 def model_benchmark(model: str, baseline: str | None = None, prompt_tokens: int = 128, new_tokens: int = 32,
-                    repeats: int = 3, seed: int = 0) -> dict:
+                    repeats: int = 3, seed: int = 0, kernels: str = "auto") -> dict:
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
         raise UsageError("--prompt-tokens, --new-tokens and --repeats must be positive")
     candidate = load_model(model, quiet=True)
     reference = load_model(baseline, quiet=True)
+    kernel_reports = {name: accelerate(loaded.model, kernels)
+                      for name, loaded in (("baseline", reference), ("model", candidate))}
     vocab = min(candidate.model.config.vocab_size, reference.model.config.vocab_size)
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     times = {"baseline": {"prefill": [], "decode": []}, "model": {"prefill": [], "decode": []}}
@@ -58,14 +105,21 @@ def model_benchmark(model: str, baseline: str | None = None, prompt_tokens: int 
             times[name]["prefill"].append(_prefill_seconds(loaded.model, ids))
             times[name]["decode"].append(_decode_seconds(loaded.model, ids, new_tokens))
     result = {"model": str(model), "baseline": reference.source, "prompt_tokens": prompt_tokens,
-              "new_tokens": new_tokens, "repeats": repeats, "threads": torch.get_num_threads()}
+              "new_tokens": new_tokens, "repeats": repeats, "threads": torch.get_num_threads(), "kernels": kernels,
+              "bandwidth_gbs": read_bandwidth_gbs()}
     for name, loaded in (("baseline", reference), ("model", candidate)):
         prefill = statistics.median(times[name]["prefill"])
         decode = statistics.median(times[name]["decode"])
         costs = ffn_costs(loaded.model, discover(loaded.model))
         result[name] = {"prefill_tokens_per_s": prompt_tokens / prefill, "decode_tokens_per_s": new_tokens / decode,
                         "disk_bytes": _directory_bytes(loaded.path), "parameter_bytes": costs["stored_bytes"],
-                        "ffn_flops_per_token": costs["ffn_flops_per_token"]}
+                        "ffn_flops_per_token": costs["ffn_flops_per_token"],
+                        "decode_bytes_per_token": decode_bytes_per_token(loaded.model),
+                        "sparse_layers": kernel_reports[name]["layers"],
+                        "sparse_experts": kernel_reports[name]["experts"],
+                        "kernel_switch": kernel_reports[name]["switch"]}
+        result[name]["decode_limit_tokens_per_s"] = (result["bandwidth_gbs"] * 1e9
+                                                     / result[name]["decode_bytes_per_token"])
     result["prefill_speedup"] = result["model"]["prefill_tokens_per_s"] / result["baseline"]["prefill_tokens_per_s"]
     result["decode_speedup"] = result["model"]["decode_tokens_per_s"] / result["baseline"]["decode_tokens_per_s"]
     # Both models live in this process: the peak covers the pair.

@@ -1,0 +1,76 @@
+/* Sparse (CSR) times dense products for pruned linear layers on the CPU: y = x W^T (+ bias).
+ *
+ * W (rows x cols) is stored as CSR: int64 row pointers, column indices (uint16 when cols <= 65536,
+ * else int32) and fp32 values. x is (batch x cols) and y is (batch x rows), both row-major.
+ *
+ * Compiled at first use by sparse_expansion/inference/native.py with -O3 -march=native -fopenmp and
+ * loaded with ctypes. OpenMP resolves to the libgomp that PyTorch has already loaded, so the kernels
+ * share PyTorch's thread pool and thread count.
+ *
+ * Why these loops (measured in benchmarks/bench_kernels.py, see docs/BENCHMARKS.md):
+ * - one token: a row's dot product with x; `omp simd reduction` lets the compiler vectorise the
+ *   indexed loads and sum in any order (hence fp32-tolerance, not bitwise, agreement with dense);
+ * - several tokens: x is transposed into blocks of 16 tokens so that every non-zero weight multiplies
+ *   one contiguous 16-float vector; four independent accumulators hide the FMA latency.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef float vec16 __attribute__((vector_size(64)));
+#define TOKENS_PER_BLOCK 16
+
+#define DEFINE_KERNELS(SUFFIX, INDEX)                                                                  \
+void csr_matvec_##SUFFIX(int64_t rows, const int64_t* rowptr, const INDEX* col, const float* values,   \
+                         const float* x, const float* bias, float* y) {                                \
+    _Pragma("omp parallel for schedule(static)")                                                      \
+    for (int64_t r = 0; r < rows; ++r) {                                                              \
+        float acc = 0.f;                                                                              \
+        const int64_t end = rowptr[r + 1];                                                            \
+        _Pragma("omp simd reduction(+:acc)")                                                          \
+        for (int64_t k = rowptr[r]; k < end; ++k) acc += values[k] * x[col[k]];                       \
+        y[r] = bias ? acc + bias[r] : acc;                                                            \
+    }                                                                                                 \
+}                                                                                                     \
+                                                                                                      \
+int csr_matmul_##SUFFIX(int64_t rows, int64_t cols, int64_t batch, const int64_t* rowptr,             \
+                        const INDEX* col, const float* values, const float* x, const float* bias,     \
+                        float* y) {                                                                   \
+    const int64_t blocks = (batch + TOKENS_PER_BLOCK - 1) / TOKENS_PER_BLOCK;                         \
+    vec16* xt = aligned_alloc(64, (size_t)blocks * (size_t)cols * sizeof(vec16));                     \
+    if (!xt) return 1;                                                                                \
+    _Pragma("omp parallel for schedule(static)")                                                      \
+    for (int64_t c = 0; c < cols; ++c)                                                                \
+        for (int64_t jb = 0; jb < blocks; ++jb) {                                                     \
+            float* dst = (float*)&xt[jb * cols + c];                                                  \
+            for (int t = 0; t < TOKENS_PER_BLOCK; ++t) {                                              \
+                const int64_t b = jb * TOKENS_PER_BLOCK + t;                                          \
+                dst[t] = b < batch ? x[b * cols + c] : 0.f;                                           \
+            }                                                                                         \
+        }                                                                                             \
+    _Pragma("omp parallel for schedule(static)")                                                      \
+    for (int64_t r = 0; r < rows; ++r) {                                                              \
+        const int64_t start = rowptr[r], end = rowptr[r + 1];                                         \
+        const float b0 = bias ? bias[r] : 0.f;                                                        \
+        for (int64_t jb = 0; jb < blocks; ++jb) {                                                     \
+            const vec16* xb = xt + jb * cols;                                                         \
+            vec16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                             \
+            int64_t k = start;                                                                        \
+            for (; k + 4 <= end; k += 4) {                                                            \
+                a0 += values[k] * xb[col[k]];                                                         \
+                a1 += values[k + 1] * xb[col[k + 1]];                                                 \
+                a2 += values[k + 2] * xb[col[k + 2]];                                                 \
+                a3 += values[k + 3] * xb[col[k + 3]];                                                 \
+            }                                                                                         \
+            for (; k < end; ++k) a0 += values[k] * xb[col[k]];                                        \
+            const vec16 acc = (a0 + a1) + (a2 + a3);                                                  \
+            const int64_t left = batch - jb * TOKENS_PER_BLOCK;                                       \
+            const int64_t stop = left < TOKENS_PER_BLOCK ? left : TOKENS_PER_BLOCK;                   \
+            for (int64_t t = 0; t < stop; ++t) y[(jb * TOKENS_PER_BLOCK + t) * rows + r] = acc[t] + b0; \
+        }                                                                                             \
+    }                                                                                                 \
+    free(xt);                                                                                         \
+    return 0;                                                                                         \
+}
+
+DEFINE_KERNELS(u16, uint16_t)
+DEFINE_KERNELS(i32, int32_t)
