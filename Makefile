@@ -35,6 +35,8 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
+	$(PY) benchmarks/bench_kernels.py --out docs/bench_kernels.json
+	$(PY) benchmarks/bench_models.py --out docs/bench_models.json
 	$(PY) benchmarks/bench_pruning.py --out docs/bench_pruning.json
 	$(PY) benchmarks/bench_router.py --out docs/bench_router.json
 	$(PY) benchmarks/bench_expansion_build.py --out docs/bench_expansion_build.json

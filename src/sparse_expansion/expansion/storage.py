@@ -106,8 +106,10 @@ def _rebuild(model, structure: dict) -> None:
         })
         dtype = next(block.parameters()).dtype
         for name, lin in spec["linears"].items():
-            weight = torch.zeros(lin["experts"], lin["out_features"], lin["in_features"], dtype=dtype)
-            bias = torch.zeros(lin["out_features"], dtype=dtype) if lin["bias"] else None
+            # Placeholders, never written: the load below assigns the stored tensors in their place, so
+            # untouched pages cost no memory (an expanded model is k times its dense size).
+            weight = torch.empty(lin["experts"], lin["out_features"], lin["in_features"], dtype=dtype)
+            bias = torch.empty(lin["out_features"], dtype=dtype) if lin["bias"] else None
             block.set_submodule(name, ExpertLinear(routers[lin["router"]], weight, bias))
         setattr(block, ROUTERS_ATTR, routers)
 
@@ -143,7 +145,9 @@ def load_expanded(path: str | Path, dtype: torch.dtype | None = None, trust_remo
         raise UsageError(f"{structure_file} does not match the model in config.json: {exc}") from None
     try:
         if weights_file == COMPRESSED_WEIGHTS_FILE:
-            model.load_state_dict(load_compressed(weights), strict=True)
+            model.load_state_dict(load_compressed(weights), strict=True, assign=True)
+            if dtype is not None:
+                model.to(dtype)
         else:
             load_safetensors_model(model, str(weights), strict=True)
     except SafetensorError as exc:

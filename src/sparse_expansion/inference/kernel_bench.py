@@ -2,9 +2,11 @@
 
 Candidates: dense torch (`F.linear`), torch CSR with int32 indices, scipy CSR, and our own kernel
 (`csr_kernels.c`, CSR with 16-bit column indices). `layer` is what a model runs: a `SparseLinear` that
-takes our kernel or the dense product according to the switch it measured for its shape. Each is timed
-with `torch.utils.benchmark` (median of repeated blocks). `speedup` is dense time over the layer's, for
-one token; `kernel_speedup` is dense over our kernel alone (below 1 where the layer falls back to dense).
+takes our kernel or the dense product according to the switch it measured for its shape; it is
+compared with `dense_layer`, the same `nn.Linear` without the sparse path. Each is timed
+as the median over repeated blocks of calls. `speedup` is the dense layer's time over the sparse
+layer's, for one token; `kernel_speedup` is dense over our kernel alone (below 1 where the layer falls
+back to dense).
 
 The physical limit: a one-token product is bound by memory traffic, so next to each time the result
 gives the bytes it must read (weights, indices, input and output) and the time those bytes take at the
@@ -13,12 +15,13 @@ machine's read bandwidth, measured in the same process.
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import benchmark
 
 from ..errors import UsageError
 from . import native
@@ -31,15 +34,38 @@ def random_sparse_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -
     return weight.masked_fill(torch.rand(rows, cols, generator=generator) < sparsity, 0)
 
 
-def _median_ms(fn, min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+def paired_medians_ms(fns: dict, min_run_time: float, block_seconds: float = 0.01, min_rounds: int = 7) -> dict:
+    """Median time per call of each function, timed in alternating blocks.
+
+    Every round runs one block of each candidate (in rotating order), so a machine that slows down or
+    speeds up during the measurement affects all candidates alike: ratios stay honest.
+    """
+    names = list(fns)
+    calls = {}
+    for name in names:  # warm up and size the blocks
+        fns[name]()
+        start = time.perf_counter()
+        fns[name]()
+        calls[name] = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-9)))
+    samples = {name: [] for name in names}
+    deadline = time.perf_counter() + min_run_time * len(names)
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() < deadline:
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            fn, n = fns[name], calls[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+        rounds += 1
+    return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
 
 
 def read_bandwidth_gbs(megabytes: int = 1024, min_run_time: float = 0.5) -> float:
     """Memory read bandwidth: a sum over a buffer far larger than the caches (GB/s, 1e9 bytes)."""
     buffer = torch.ones(megabytes * 2 ** 20 // 4)
-    return buffer.numel() * 4 / (_median_ms(lambda: buffer.sum(), min_run_time) * 1e-3) / 1e9
+    seconds = paired_medians_ms({"sum": buffer.sum}, min_run_time)["sum"] * 1e-3
+    return buffer.numel() * 4 / seconds / 1e9
 
 
 def product_bytes(rows: int, cols: int, nnz: int, index_bytes: int, tokens: int = 1) -> dict[str, int]:
@@ -92,15 +118,20 @@ def kernel_benchmark(rows: int, cols: int, sparsity: float, batch: int = 128, mi
         for name, out in outputs.items():
             if not torch.allclose(out, expected, rtol=1e-4, atol=1e-3):
                 raise RuntimeError(f"{name} disagrees with the dense product")
+        candidates["dense"] = lambda: F.linear(x, weight)
+        if own is not None:
+            # Layer against layer: both pay the nn.Module call, so the ratio is what a model sees.
+            candidates["dense_layer"] = lambda: linear(x)
+            candidates["layer"] = lambda: layer(x)
         with torch.no_grad():
-            timings = {"dense_ms": _median_ms(lambda: F.linear(x, weight), min_run_time)}
-            timings.update({f"{name}_ms": _median_ms(fn, min_run_time) for name, fn in candidates.items()})
-            if own is not None:
-                timings["layer_ms"] = _median_ms(lambda: layer(x), min_run_time)
-                timings["layer_uses_kernel"] = own.use_sparse(tokens)
+            timings = {f"{name}_ms": ms for name, ms in paired_medians_ms(candidates, min_run_time).items()}
+        for name in ("dense", "dense_layer", "layer"):
+            candidates.pop(name, None)
+        if own is not None:
+            timings["layer_uses_kernel"] = own.use_sparse(tokens)
         for name in candidates:
             timings[f"{name}_speedup"] = timings["dense_ms"] / timings[f"{name}_ms"]
-        timings["speedup"] = timings["dense_ms"] / timings.get("layer_ms", timings["dense_ms"])
+        timings["speedup"] = timings.get("dense_layer_ms", 1.0) / timings.get("layer_ms", 1.0)
         moved = product_bytes(rows, cols, nnz, index_bytes, tokens)
         timings["dense_bytes"], timings["csr_bytes"] = moved["dense"], moved["csr"]
         timings["dense_limit_ms"] = moved["dense"] / result["bandwidth_gbs"] / 1e6

@@ -46,8 +46,9 @@ class CSRWeight:
         self.col = columns.to(native.index_dtype(self.cols)).contiguous()
         self.values = weight[nonzero].contiguous()
         self.suffix = native.index_suffix(self.cols)
-        self.switch: list[tuple[int, bool]] = []  # (tokens, sparse is faster), filled by measure_switch
+        self.switch = []  # (tokens, sparse is faster), filled by measure_switch
         self._pointers = (self.rowptr.data_ptr(), self.col.data_ptr(), self.values.data_ptr())
+        self._functions = None  # the library's two entry points, looked up at the first product
 
     @property
     def nnz(self) -> int:
@@ -61,24 +62,38 @@ class CSRWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.rowptr, self.col, self.values))
 
-    def use_sparse(self, tokens: int) -> bool:
-        if not self.switch:
+    @property
+    def switch(self) -> list[tuple[int, bool]]:
+        return self._switch
+
+    @switch.setter
+    def switch(self, decisions: list[tuple[int, bool]]) -> None:
+        self._switch = list(decisions)
+        self._sizes = [size for size, _ in self._switch]
+        # Decoding asks about one token ~100 times per generated token: answer that from a field.
+        self.sparse_at_one_token = self._lookup(1)
+
+    def _lookup(self, tokens: int) -> bool:
+        if not self._switch:
             return False
-        sizes = [size for size, _ in self.switch]
-        position = min(bisect.bisect_left(sizes, tokens), len(sizes) - 1)
-        return self.switch[position][1]
+        return self._switch[min(bisect.bisect_left(self._sizes, tokens), len(self._sizes) - 1)][1]
+
+    def use_sparse(self, tokens: int) -> bool:
+        return self.sparse_at_one_token if tokens == 1 else self._lookup(tokens)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (tokens x cols) fp32 contiguous CPU -> x W^T + bias (tokens x rows)."""
-        lib = native.library()
+        if self._functions is None:
+            lib = native.library()
+            self._functions = (lib.matvec[self.suffix], lib.matmul[self.suffix])
         tokens = x.shape[0]
         out = torch.empty(tokens, self.rows, dtype=torch.float32)
         rowptr, col, values = self._pointers
         bias_ptr = None if bias is None else bias.data_ptr()
         if tokens == 1:
-            lib.matvec[self.suffix](self.rows, rowptr, col, values, x.data_ptr(), bias_ptr, out.data_ptr())
-        elif lib.matmul[self.suffix](self.rows, self.cols, tokens, rowptr, col, values, x.data_ptr(), bias_ptr,
-                                     out.data_ptr()):
+            self._functions[0](self.rows, rowptr, col, values, x.data_ptr(), bias_ptr, out.data_ptr())
+        elif self._functions[1](self.rows, self.cols, tokens, rowptr, col, values, x.data_ptr(), bias_ptr,
+                                out.data_ptr()):
             raise MemoryError("sparse kernel could not allocate its token buffer")
         return out
 
@@ -123,14 +138,14 @@ class SwitchCache:
         csr.switch = [(tokens, faster) for tokens, faster, _, _ in self.measured[key]]
 
 
-def _kernel_ready(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-
-
 def sparse_product(csr: CSRWeight | None, x2d: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
-    """x2d W^T + b through the sparse kernel when measured faster for this many tokens, else dense."""
-    if csr is not None and _kernel_ready(x2d) and csr.use_sparse(x2d.shape[0]):
+    """x2d W^T + b through the sparse kernel when measured faster for this many tokens, else dense.
+
+    The kernel only serves fp32 CPU inference; anything else (gradients, other dtypes) goes dense.
+    """
+    if (csr is not None and csr.use_sparse(x2d.shape[0]) and x2d.dtype == torch.float32
+            and not x2d.is_cuda and not torch.is_grad_enabled()):
         return csr.matmul(x2d.contiguous(), bias)
     return F.linear(x2d, weight, bias)
 
@@ -154,5 +169,7 @@ class SparseLinear(nn.Linear):
                 f"sparse kernel at tokens={sparse_sizes or 'never'}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.csr.use_sparse(x.numel() // self.in_features):
+            return F.linear(x, self.weight, self.bias)  # the fallback costs no more than nn.Linear
         flat = x.reshape(-1, self.in_features)
         return sparse_product(self.csr, flat, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)

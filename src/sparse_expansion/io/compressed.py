@@ -32,7 +32,7 @@ from ..errors import UsageError
 INDEX_KEY = "sparse_expansion.index"
 COMPRESSED_WEIGHTS_FILE = "model.compressed.safetensors"
 MIN_ELEMENTS = 1024  # smaller tensors (norms, biases) are not worth an index entry of their own
-ZSTD_LEVEL = 3  # bench: 3 and 9 differ by <1% in size on pruned SmolLM2; 3 is several times faster
+ZSTD_LEVEL = 1  # on pruned SmolLM2 level 1 was both the smallest and the fastest of 1, 3 and 9 (BENCHMARKS.md)
 MIN_PLANE_GAIN = 0.97  # keep a compressed plane only when it is at least 3% smaller
 
 

@@ -166,7 +166,7 @@ def _load_compressed_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     state = load_compressed(path / COMPRESSED_WEIGHTS_FILE)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)  # no second copy of the weights
     except RuntimeError as exc:
         raise UsageError(f"{path / COMPRESSED_WEIGHTS_FILE} does not match config.json: "
                          f"{str(exc).splitlines()[0]}") from None
