@@ -168,8 +168,8 @@ def test_generate_from_compressed_equals_dense_checkpoint(llama_dir, corpus_dir,
     texts = {}
     # "always" runs every pruned layer through the sparse kernel, whatever the measured switch says.
     for fmt, kernels in (("compressed", "always"), ("dense", "off")):
-        assert main(["generate", "--model", str(tmp_path / fmt), "--prompt", "The quick brown", "--max-new-tokens", "12",
-                     "--kernels", kernels, "--quiet"]) == 0
+        assert main(["generate", "--model", str(tmp_path / fmt), "--prompt", "The quick brown",
+                     "--max-new-tokens", "12", "--kernels", kernels, "--quiet"]) == 0
         texts[fmt] = capsys.readouterr().out
     assert (tmp_path / "compressed" / "model.compressed.safetensors").is_file()
     assert (tmp_path / "dense" / "model.safetensors").is_file()

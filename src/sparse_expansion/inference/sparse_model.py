@@ -93,7 +93,7 @@ def enable_sparse_kernels(model: nn.Module, mode: str = "auto", cache: SwitchCac
             else:
                 report["dense_layers"] += 1
         release_free_memory()
-    for (rows, cols, density, threads), rows_measured in cache.measured.items():
+    for (rows, cols, density, _threads), rows_measured in cache.measured.items():
         report["switch"][f"{rows}x{cols}@{1 - density:.2f}"] = {
             "sparse_at_tokens": [t for t, faster, _, _ in rows_measured if faster],
             "dense_ms": [round(d * 1e3, 4) for _, _, d, _ in rows_measured],
