@@ -188,3 +188,19 @@ def test_kernel_bench_json_has_the_layer_and_the_limits(tmp_path, capsys):
         assert result[case]["csr_bytes"] < result[case]["dense_bytes"]
         assert result[case]["layer_ms"] > 0 and result[case]["kernel_ms"] > 0
     assert result["speedup"] == result["single"]["speedup"]
+
+
+def test_a_failing_compiler_leaves_the_kernels_off_with_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # exists on every POSIX machine and always fails
+    monkeypatch.setenv("SPARSE_EXPANSION_CACHE", str(tmp_path))  # no cached library to fall back on
+    native._load.cache_clear()
+    try:
+        assert not native.available()
+        assert "false failed" in native.unavailable_reason()
+        assert not list((tmp_path / "kernels").glob("*.so"))  # no half-written library left behind
+        with pytest.raises(RuntimeError, match="sparse kernels unavailable"):
+            native.library()
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+    assert native.available()

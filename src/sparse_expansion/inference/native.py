@@ -45,13 +45,12 @@ def _compiler() -> str | None:
 
 
 def _cpu_model() -> str:
+    """Model name and instruction-set flags: a -march=native build must never run on another ISA."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags", "Features")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    return "\n".join(line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part")))
 
 
 def _build(compiler: str) -> Path:
