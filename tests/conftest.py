@@ -122,3 +122,19 @@ def model_dir_factory(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def llama_dir(model_dir_factory):
     return model_dir_factory("llama")
+
+
+def generate_from_both_formats(tmp_path, capsys, prune_args, prompt, new_tokens, kernels):
+    """Prune once into a compressed and once into a dense directory, then generate greedily from each:
+    the compressed one with `kernels`, the dense checkpoint without. Returns {format: text}."""
+    from sparse_expansion.cli import main
+
+    for fmt in ("compressed", "dense"):
+        assert main(["prune", *prune_args, "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+    capsys.readouterr()
+    texts = {}
+    for fmt, mode in (("compressed", kernels), ("dense", "off")):
+        assert main(["generate", "--model", str(tmp_path / fmt), "--prompt", prompt,
+                     "--max-new-tokens", str(new_tokens), "--kernels", mode, "--quiet"]) == 0
+        texts[fmt] = capsys.readouterr().out
+    return texts

@@ -36,18 +36,11 @@ def test_sparsegpt_and_wanda_beat_magnitude_at_half_ffn_sparsity(comparison):
 
 
 def test_compressed_sparsegpt_model_with_kernels_generates_like_its_dense_checkpoint(tmp_path, capsys):
-    from sparse_expansion.cli import main
+    from conftest import generate_from_both_formats
 
-    small = ["--method", "sparsegpt", "--sparsity", "0.7", "--calib-samples", "4", "--seqlen", "128", "--quiet"]
-    for fmt in ("compressed", "dense"):
-        assert main(["prune", *small, "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
-    capsys.readouterr()
-    texts = {}
+    prune = ["--method", "sparsegpt", "--sparsity", "0.7", "--calib-samples", "4", "--seqlen", "128", "--quiet"]
     # auto: the real model's layers take the kernel wherever their own measurement says so.
-    for fmt, kernels in (("compressed", "auto"), ("dense", "off")):
-        assert main(["generate", "--model", str(tmp_path / fmt), "--prompt", "The capital of France is",
-                     "--max-new-tokens", "16", "--kernels", kernels, "--quiet"]) == 0
-        texts[fmt] = capsys.readouterr().out
+    texts = generate_from_both_formats(tmp_path, capsys, prune, "The capital of France is", 16, kernels="auto")
     assert texts["compressed"] == texts["dense"] and len(texts["dense"].strip()) > 0
     size = sum(p.stat().st_size for p in (tmp_path / "compressed").iterdir())
     dense_size = sum(p.stat().st_size for p in (tmp_path / "dense").iterdir())

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model
+from conftest import generate_from_both_formats, make_model
 
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model
 from sparse_expansion.inference import native
@@ -158,19 +158,10 @@ def test_dense_layers_and_kernels_off_leave_the_model_alone(monkeypatch):
 
 
 def test_generate_from_compressed_equals_dense_checkpoint(llama_dir, corpus_dir, tmp_path, capsys):
-    from sparse_expansion.cli import main
-
-    small = ["--calib-samples", "4", "--seqlen", "32", "--data", str(corpus_dir), "--quiet"]
-    for fmt in ("compressed", "dense"):
-        assert main(["prune", "--model", str(llama_dir), "--method", "sparsegpt", "--sparsity", "0.7", "--format", fmt,
-                     "--out", str(tmp_path / fmt), *small]) == 0
-    capsys.readouterr()
-    texts = {}
+    prune = ["--model", str(llama_dir), "--method", "sparsegpt", "--sparsity", "0.7", "--calib-samples", "4",
+             "--seqlen", "32", "--data", str(corpus_dir), "--quiet"]
     # "always" runs every pruned layer through the sparse kernel, whatever the measured switch says.
-    for fmt, kernels in (("compressed", "always"), ("dense", "off")):
-        assert main(["generate", "--model", str(tmp_path / fmt), "--prompt", "The quick brown",
-                     "--max-new-tokens", "12", "--kernels", kernels, "--quiet"]) == 0
-        texts[fmt] = capsys.readouterr().out
+    texts = generate_from_both_formats(tmp_path, capsys, prune, "The quick brown", 12, kernels="always")
     assert (tmp_path / "compressed" / "model.compressed.safetensors").is_file()
     assert (tmp_path / "dense" / "model.safetensors").is_file()
     assert texts["compressed"] == texts["dense"] and texts["dense"].strip()
