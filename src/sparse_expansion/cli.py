@@ -312,10 +312,7 @@ def cmd_bench(args) -> int:
                   f"disk {r['disk_bytes'] or 0:,} bytes, parameters {r['parameter_bytes']:,} bytes")
         print(f"speedup: prefill {result['prefill_speedup']:.2f}x, decode {result['decode_speedup']:.2f}x; "
               f"peak RSS {result['peak_rss_mb']:.0f} MB (both models)")
-        if args.json:
-            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-        return 0
-    if args.device.startswith("cuda"):
+    elif args.device.startswith("cuda"):
         from .inference.semi_structured import semi_structured_benchmark, semi_structured_supported
 
         if not semi_structured_supported():
@@ -325,20 +322,18 @@ def cmd_bench(args) -> int:
             t = result[label]
             print(f"{args.rows}x{args.cols} 2:4 {result['dtype']} on {result['device']}, {label}: dense "
                   f"{t['dense_ms']:.4f} ms, semi-structured {t['semi_structured_ms']:.4f} ms, speedup {t['speedup']:.2f}x")
-        if args.json:
-            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-        return 0
-    result = kernel_benchmark(args.rows, args.cols, args.sparsity, batch=args.batch)
-    for label in ("single", "batched"):
-        t = result[label]
-        tokens = 1 if label == "single" else args.batch
-        kernel = f"kernel {t['kernel_ms']:.3f} ms, layer {t['layer_ms']:.3f} ms, " if "kernel_ms" in t else ""
-        print(f"{args.rows}x{args.cols} at {args.sparsity:.0%}, {tokens} token(s): dense {t['dense_ms']:.3f} ms, "
-              f"torch CSR {t['torch_csr_ms']:.3f} ms, scipy CSR {t['scipy_csr_ms']:.3f} ms, {kernel}"
-              f"speedup {t['speedup']:.2f}x (memory-bound limit: dense {t['dense_limit_ms']:.3f} ms, "
-              f"CSR {t['csr_limit_ms']:.3f} ms at {result['bandwidth_gbs']:.1f} GB/s)")
-    if not result["kernel_available"]:
-        print(f"sparse kernel unavailable: {result['kernel_unavailable_reason']}")
+    else:
+        result = kernel_benchmark(args.rows, args.cols, args.sparsity, batch=args.batch)
+        for label in ("single", "batched"):
+            t = result[label]
+            tokens = 1 if label == "single" else args.batch
+            kernel = f"kernel {t['kernel_ms']:.3f} ms, layer {t['layer_ms']:.3f} ms, " if "kernel_ms" in t else ""
+            print(f"{args.rows}x{args.cols} at {args.sparsity:.0%}, {tokens} token(s): dense {t['dense_ms']:.3f} ms, "
+                  f"torch CSR {t['torch_csr_ms']:.3f} ms, scipy CSR {t['scipy_csr_ms']:.3f} ms, {kernel}"
+                  f"speedup {t['speedup']:.2f}x (memory-bound limit: dense {t['dense_limit_ms']:.3f} ms, "
+                  f"CSR {t['csr_limit_ms']:.3f} ms at {result['bandwidth_gbs']:.1f} GB/s)")
+        if not result["kernel_available"]:
+            print(f"sparse kernel unavailable: {result['kernel_unavailable_reason']}")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0

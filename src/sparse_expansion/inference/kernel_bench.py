@@ -15,8 +15,6 @@ machine's read bandwidth, measured in the same process.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 
 import torch
@@ -26,39 +24,13 @@ from torch import nn
 from ..errors import UsageError
 from . import native
 from .sparse_linear import CSRWeight, SparseLinear, SwitchCache
+from .timing import paired_medians_ms
 
 
 def random_sparse_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, cols, generator=generator)
     return weight.masked_fill(torch.rand(rows, cols, generator=generator) < sparsity, 0)
-
-
-def paired_medians_ms(fns: dict, min_run_time: float, block_seconds: float = 0.01, min_rounds: int = 7) -> dict:
-    """Median time per call of each function, timed in alternating blocks.
-
-    Every round runs one block of each candidate (in rotating order), so a machine that slows down or
-    speeds up during the measurement affects all candidates alike: ratios stay honest.
-    """
-    names = list(fns)
-    calls = {}
-    for name in names:  # warm up and size the blocks
-        fns[name]()
-        start = time.perf_counter()
-        fns[name]()
-        calls[name] = max(1, int(block_seconds / max(time.perf_counter() - start, 1e-9)))
-    samples = {name: [] for name in names}
-    deadline = time.perf_counter() + min_run_time * len(names)
-    rounds = 0
-    while rounds < min_rounds or time.perf_counter() < deadline:
-        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
-            fn, n = fns[name], calls[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - start) / n)
-        rounds += 1
-    return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
 
 
 def read_bandwidth_gbs(megabytes: int = 1024, min_run_time: float = 0.5) -> float:
@@ -110,26 +82,24 @@ def kernel_benchmark(rows: int, cols: int, sparsity: float, batch: int = 128, mi
         xt = x.t().contiguous()
         xn = xt.numpy()
         expected = F.linear(x, weight)
-        candidates = {"torch_csr": lambda: torch_csr @ xt, "scipy_csr": lambda: scipy_csr @ xn}
+        sparse = {"torch_csr": lambda: torch_csr @ xt, "scipy_csr": lambda: scipy_csr @ xn}
         outputs = {"torch_csr": (torch_csr @ xt).t(), "scipy_csr": torch.from_numpy(scipy_csr @ xn).t()}
         if own is not None:
-            candidates["kernel"] = lambda: own.matmul(x)
+            sparse["kernel"] = lambda: own.matmul(x)
             outputs["kernel"] = own.matmul(x)
         for name, out in outputs.items():
             if not torch.allclose(out, expected, rtol=1e-4, atol=1e-3):
                 raise RuntimeError(f"{name} disagrees with the dense product")
-        candidates["dense"] = lambda: F.linear(x, weight)
+        references = {"dense": lambda: F.linear(x, weight)}
         if own is not None:
             # Layer against layer: both pay the nn.Module call, so the ratio is what a model sees.
-            candidates["dense_layer"] = lambda: linear(x)
-            candidates["layer"] = lambda: layer(x)
+            references.update(dense_layer=lambda: linear(x), layer=lambda: layer(x))
         with torch.no_grad():
-            timings = {f"{name}_ms": ms for name, ms in paired_medians_ms(candidates, min_run_time).items()}
-        for name in ("dense", "dense_layer", "layer"):
-            candidates.pop(name, None)
+            medians = paired_medians_ms({**sparse, **references}, min_run_time)
+        timings = {f"{name}_ms": ms for name, ms in medians.items()}
         if own is not None:
             timings["layer_uses_kernel"] = own.use_sparse(tokens)
-        for name in candidates:
+        for name in sparse:
             timings[f"{name}_speedup"] = timings["dense_ms"] / timings[f"{name}_ms"]
         timings["speedup"] = timings.get("dense_layer_ms", 1.0) / timings.get("layer_ms", 1.0)
         moved = product_bytes(rows, cols, nnz, index_bytes, tokens)

@@ -83,9 +83,8 @@ def decode_bytes_per_token(model: torch.nn.Module) -> int:
         if isinstance(module, torch.nn.Embedding):
             if module.weight.data_ptr() not in linear_weights:
                 total += module.weight.shape[1] * module.weight.element_size()
-        elif type(module).__name__ == "Router" or not any(True for _ in module.children()):
-            if not is_linear(module):
-                total += _tensor_bytes(*module.parameters(recurse=False), *module.buffers(recurse=False))
+        elif not is_linear(module) and next(module.children(), None) is None:  # norms, routers, ...
+            total += _tensor_bytes(*module.parameters(recurse=False), *module.buffers(recurse=False))
     return total
 
 

@@ -15,8 +15,6 @@ layers fall back to the dense path.
 from __future__ import annotations
 
 import bisect
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
+from .timing import paired_medians_ms
 
 SWITCH_BATCH_SIZES = tuple(2 ** i for i in range(12))  # 1 .. 2048 tokens
 MIN_SPARSITY = 0.2  # below this a CSR product cannot beat dense (bench --kernel: 1.0x at 30%)
@@ -102,23 +101,17 @@ def measure_switch(csr: CSRWeight, dense: torch.Tensor, batch_sizes=SWITCH_BATCH
                    seed: int = 0) -> list[tuple[int, bool, float, float]]:
     """Time dense and sparse products for each batch size; returns (tokens, sparse faster, dense s, sparse s).
 
-    Dense and sparse runs alternate and each keeps its median, so a busy machine slows both alike.
+    Dense and sparse runs alternate, one call each per round, and each keeps its median, so a busy
+    machine slows both alike.
     """
     generator = torch.Generator().manual_seed(seed)
     dense = dense.detach().to(torch.float32).contiguous()
     rows = []
     for tokens in batch_sizes:
         x = torch.randn(tokens, csr.cols, generator=generator)
-        candidates = (lambda: F.linear(x, dense), lambda: csr.matmul(x))
-        times: tuple[list, list] = ([], [])
-        for fn in candidates:  # warm-up
-            fn()
-        for _ in range(repeats):
-            for fn, record in zip(candidates, times):
-                start = time.perf_counter()
-                fn()
-                record.append(time.perf_counter() - start)
-        dense_s, sparse_s = statistics.median(times[0]), statistics.median(times[1])
+        medians = paired_medians_ms({"dense": lambda: F.linear(x, dense), "sparse": lambda: csr.matmul(x)},
+                                    min_run_time=0.0, block_seconds=0.0, min_rounds=repeats)
+        dense_s, sparse_s = medians["dense"] * 1e-3, medians["sparse"] * 1e-3
         rows.append((tokens, sparse_s < dense_s, dense_s, sparse_s))
     return rows
 
