@@ -5,9 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_model
+from test_data import make_bos_tokenizer
 from torch import nn
 
-from sparse_expansion.data import Corpus, evaluation_windows
+from sparse_expansion.data import Corpus, evaluation_windows, load_corpus, resolve_bos
 from sparse_expansion.evaluation import perplexity
 
 
@@ -36,6 +38,7 @@ def test_perplexity_matches_a_hand_computation():
         result = perplexity(Bigram(table), windows, batch_size=batch_size, progress=False)
         assert result.ppl == pytest.approx(expected, rel=1e-6)
     assert result.eval_tokens == 8
+    assert result.text_tokens == 8
     assert result.predicted_tokens == 6
 
 
@@ -56,3 +59,27 @@ def test_evaluation_windows_are_non_overlapping_and_drop_the_tail():
     flat = CharTokenizer()("abcdefghij" * 2 + "xyz").input_ids[0][:20]
     assert torch.equal(windows.flatten(), flat)
     assert evaluation_windows(corpus, CharTokenizer(), seqlen=5, limit=2).shape == (2, 5)
+
+
+def test_perplexity_on_bos_windows_scores_every_text_token_and_never_the_bos(corpus_dir):
+    tokenizer = make_bos_tokenizer()
+    bos, seqlen = resolve_bos(tokenizer, "auto"), 16
+    windows = evaluation_windows(load_corpus(str(corpus_dir)), tokenizer, seqlen, limit=5, bos=bos)
+    model = make_model("llama")
+    result = perplexity(model, windows, batch_size=2, progress=False, bos=bos)
+    # Hand computation: targets are positions 1..L-1 (all text, never the BOS), mean per window, mean of windows.
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits.float()
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = windows[:, 1:]
+    assert not bool((targets == bos).any())
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    expected = nll.double().mean(dim=1).mean().item()
+    assert result.mean_nll == pytest.approx(expected, rel=1e-5)
+    assert result.ppl == pytest.approx(math.exp(expected), rel=1e-5)
+    assert result.windows == 5
+    assert result.predicted_tokens == 5 * (seqlen - 1)
+    assert result.text_tokens == 5 * (seqlen - 1)
+    assert result.eval_tokens == 5 * seqlen
+    with pytest.raises(ValueError, match="start with BOS"):
+        perplexity(model, windows[:, 1:], progress=False, bos=bos)

@@ -156,18 +156,28 @@ def load_corpus(spec: str | None) -> Corpus:
     return local_corpus(Path(spec).expanduser())
 
 
-def sample_document_windows(documents: list[str], tokenizer, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    """C4-style calibration: a random document longer than the window, at a random offset (SparseGPT)."""
+def sample_document_windows(documents: list[str], tokenizer, n: int, seqlen: int, seed: int,
+                            bos: int | None = None) -> torch.Tensor:
+    """C4-style calibration: a random document longer than the window, at a random offset (SparseGPT).
+
+    With `bos`, documents are tokenized without special tokens and each window is the BOS id followed by
+    `seqlen - 1` text tokens."""
     rng = random.Random(seed)
+    width = seqlen if bos is None else seqlen - 1  # text tokens per window
     windows = []
     for _ in range(100 * n):
         if len(windows) == n:
             break
-        ids = tokenizer(documents[rng.randint(0, len(documents) - 1)], return_tensors="pt").input_ids[0]
-        if ids.numel() <= seqlen:
+        document = documents[rng.randint(0, len(documents) - 1)]
+        if bos is None:
+            ids = tokenizer(document, return_tensors="pt").input_ids[0]
+        else:
+            ids = tokenizer(document, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        if ids.numel() <= width:
             continue
-        start = rng.randint(0, ids.numel() - seqlen - 1)
-        windows.append(ids[start:start + seqlen])
+        start = rng.randint(0, ids.numel() - width - 1)
+        window = ids[start:start + width]
+        windows.append(window if bos is None else torch.cat([window.new_tensor([bos]), window]))
     if len(windows) < n:
         raise UsageError(f"could not find {n} documents longer than {seqlen} tokens for calibration")
     return torch.stack(windows)

@@ -4,6 +4,9 @@ The test text is tokenized once and cut into non-overlapping windows of `seqlen`
 dropped; see `data.windows.evaluation_windows`). Each window is scored independently: the mean
 cross-entropy of predicting tokens 2..L from their prefixes. PPL = exp(mean over windows of that
 loss), which equals the protocol's exp(sum(loss_w * L) / (n_windows * L)).
+
+With BOS windows (`data.windows`, `bos=<id>`) each window is the BOS id followed by L-1 text tokens: the
+BOS is never a target and every text token is, so the same score covers exactly the text tokens.
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ class PerplexityResult:
     mean_nll: float
     windows: int
     seqlen: int
+    bos: int | None = None  # the BOS id every window starts with, when it was prepended (not text)
 
     @property
     def eval_tokens(self) -> int:
-        """Tokens in the evaluated windows."""
+        """Tokens in the evaluated windows (a prepended BOS included)."""
         return self.windows * self.seqlen
+
+    @property
+    def text_tokens(self) -> int:
+        """Tokens of the evaluated text in the windows (a prepended BOS is not text)."""
+        return self.windows * (self.seqlen - (0 if self.bos is None else 1))
 
     @property
     def predicted_tokens(self) -> int:
@@ -39,8 +48,11 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu", batch_size: int | None = None,
-               progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+               progress: bool = True, desc: str = "perplexity", bos: int | None = None) -> PerplexityResult:
+    """`bos`: the id that `windows` were built to start with (`data.windows`), recorded in the result."""
     count, seqlen = windows.shape
+    if bos is not None and not bool((windows[:, 0] == bos).all()):
+        raise ValueError(f"windows were said to start with BOS {bos} but do not")
     batch_size = batch_size or max(1, TOKENS_PER_BATCH // seqlen)
     losses = []
     for start in tqdm(range(0, count, batch_size), desc=desc, disable=not progress, leave=False):
@@ -50,4 +62,4 @@ def perplexity(model, windows: torch.Tensor, device: torch.device | str = "cpu",
                                     reduction="none").view(batch.shape[0], -1)
         losses.append(per_token.mean(dim=1).cpu().double())
     mean_nll = torch.cat(losses).mean().item()
-    return PerplexityResult(ppl=math.exp(mean_nll), mean_nll=mean_nll, windows=count, seqlen=seqlen)
+    return PerplexityResult(ppl=math.exp(mean_nll), mean_nll=mean_nll, windows=count, seqlen=seqlen, bos=bos)
