@@ -36,6 +36,13 @@ def _config(family: str):
     if family == "gemma":
         return tf.GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=1, head_dim=16, **common)
+    if family in ("gemma2", "gemma3"):
+        # Both layer types, and a sliding window shorter than the test sequences: their masks and (Gemma-3)
+        # rotary tables differ per layer.
+        cls = tf.Gemma2Config if family == "gemma2" else tf.Gemma3TextConfig
+        return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=16, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention"], **common)
     if family == "phi":
         return tf.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             **common)
@@ -56,6 +63,8 @@ FAMILIES = {
     "qwen2": (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]),
     "mistral": (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]),
     "gemma": (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]),
+    "gemma2": (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]),
+    "gemma3": (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]),
     "phi": (["mlp.fc1"], ["mlp.fc2"]),
     "gpt_neox": (["mlp.dense_h_to_4h"], ["mlp.dense_4h_to_h"]),
     "opt": (["fc1"], ["fc2"]),

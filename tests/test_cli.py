@@ -156,12 +156,12 @@ def test_existing_output_is_not_overwritten(llama_dir, corpus_dir, tmp_path, cap
 
 
 def test_failure_during_the_run_leaves_no_partial_directory(llama_dir, corpus_dir, tmp_path, capsys, monkeypatch):
-    from sparse_expansion import workflow
+    from sparse_expansion.io import model_dir
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(workflow.json, "dumps", explode)
+    monkeypatch.setattr(model_dir.json, "dumps", explode)
     out = tmp_path / "partial"
     with pytest.raises(RuntimeError):
         main(["prune", "--model", str(llama_dir), "--data", str(corpus_dir), "--sparsity", "0.5",
@@ -219,7 +219,7 @@ def test_loading_a_corrupted_expanded_model_fails_cleanly(llama_dir, corpus_dir,
     out = tmp_path / "se"
     assert run_cli(["expand", "--model", str(llama_dir), "--data", str(corpus_dir), "--experts", "2",
                     "--pca-reduction", "8", "--sparsity", "0.5", "--out", str(out), *SMALL], capsys)[0] == 0
-    weights = out / json.loads((out / "expansion.json").read_text())["weights_file"]
+    weights = out / "model.compressed.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     code, _, err = run_cli(["eval", "--model", str(out), "--data", str(corpus_dir), *SMALL], capsys)
     _assert_clean_failure(code, err, None, "corrupted or truncated")

@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import FAMILIES, make_model
 from sparse_expansion import UsageError
-from sparse_expansion.calibration import SequentialCalibration
+from sparse_expansion.calibration import SequentialCalibration, Step, Watch, block_outputs
 from sparse_expansion.models import discover, linear_weight
 from sparse_expansion.pruning import METHODS, SparsitySpec, prune_model
 
@@ -30,28 +30,88 @@ def test_no_decoder_blocks_is_a_clear_error():
         discover(nn.Sequential(nn.Embedding(10, 4), nn.ReLU()))
 
 
+# The module the model applies after its last block (its hidden_states[-1] is taken after it).
+FINAL_NORMS = {"llama": "model.norm", "qwen2": "model.norm", "mistral": "model.norm", "gemma": "model.norm",
+               "gemma2": "model.norm", "gemma3": "model.norm", "phi": "model.final_layernorm",
+               "gpt_neox": "gpt_neox.final_layer_norm", "opt": "model.decoder.final_layer_norm",
+               "gpt2": "transformer.ln_f"}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_engine_replays_block_kwargs_exactly(family):
-    """Capturing block 0's inputs and replaying every block reproduces the model's own hidden states."""
+def test_block_outputs_equal_the_models_own_hidden_states(family):
+    """Every block gets the arguments the model itself passes to it: the engine's propagation reproduces the
+    model's hidden states at every block (Gemma-2/3: sliding-window and global layers, window < sequence)."""
     model = make_model(family)
-    layout = discover(model)
-    windows = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    before_norm = []
+    norm = model.get_submodule(FINAL_NORMS[family])
+    handle = norm.register_forward_pre_hook(lambda _m, args: before_norm.append(args[0].detach()))
     with torch.no_grad():
-        expected = model(input_ids=windows, output_hidden_states=True, use_cache=False).hidden_states
-    seen = []
+        expected = list(model(input_ids=windows, output_hidden_states=True, use_cache=False).hidden_states)
+    handle.remove()
+    expected[-1] = before_norm[0]  # the last entry is after the final norm: compare before it
+    got = block_outputs(model, windows, batch_size=2)
+    assert len(got) == len(expected) - 1 == 2
+    for index, (ours, theirs) in enumerate(zip(got, expected[1:])):
+        error = (ours - theirs).norm() / theirs.norm()
+        assert error <= 1e-5, f"block {index}: relative error {error:.2e}"
+
+
+def test_block_outputs_can_stop_early():
+    model = make_model("gemma2")
+    windows = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    assert len(block_outputs(model, windows, stop_after=0)) == 1
+
+
+def test_gemma2_layers_get_different_arguments():
+    """The case the old engine got wrong: block 1 (global) must not get block 0's (sliding-window) mask."""
+    model = make_model("gemma2")
+    layout = discover(model)
+    engine = SequentialCalibration(model, layout, batch_size=4, progress=False)
+    batch = engine.capture(torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2)))[0]
+    mask0, mask1 = (batch.calls[i][1]["attention_mask"] for i in (0, 1))
+    assert not torch.equal(mask0, mask1)
+
+
+class _Counter:
+    def __init__(self):
+        self.calls = []
+
+    def update(self, tensor):
+        self.calls.append(tensor.shape)
+
+    def merge(self, other):
+        self.calls += other.calls
+        return self
+
+
+def test_stages_run_in_order_and_observe_only_takes_one_pass():
+    model = make_model("llama")
+    layout = discover(model)
+    windows = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    events = []
+
+    class Probe(Step):
+        def __init__(self, modifies):
+            self.modifies = modifies
+
+        def observe(self, index, block):
+            events.append(("observe", index))
+            return {"down": Watch("mlp.down_proj", _Counter()), "block": Watch("", _Counter(), on="output")}
+
+        def modify(self, index, block, statistics):
+            events.append(("modify", index, len(statistics["down"].calls), len(statistics["block"].calls)))
+
+    def reduce(statistics):
+        events.append(("reduce",))
+        return statistics
+
     engine = SequentialCalibration(model, layout, batch_size=2, progress=False)
-
-    def record(index, block, feed):
-        seen.append(index)
-
-    batches = engine.capture(windows)
-    assert torch.allclose(torch.cat([b.hidden for b in batches]), expected[0], atol=1e-5)
-    # Run blocks in order and compare with the model's hidden states after block 0 (the last entry of
-    # hidden_states is post-final-norm in some families, so check the intermediate one).
-    out = engine.forward_block(layout.blocks[0], batches, keep_outputs=True)
-    assert torch.allclose(torch.cat([b.hidden for b in out]), expected[1], atol=1e-5)
-    engine.run(windows, record)
-    assert seen == [0, 1]
+    engine.run(windows, Probe(True), reduce=reduce, after_block=lambda i, b, h, s: events.append(("after", i)))
+    assert events[:4] == [("observe", 0), ("reduce",), ("modify", 0, 2, 2), ("after", 0)]
+    events.clear()
+    engine.run(windows, Probe(False), stop_after=0)
+    assert events == [("observe", 0), ("modify", 0, 2, 2)]  # statistics from the propagation pass itself
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -111,10 +171,10 @@ def test_pruning_later_blocks_sees_pruned_activations():
     engine_inputs = []
     original = SequentialCalibration.forward_block
 
-    def capture_forward(self, block, batches, keep_outputs):
+    def capture_forward(self, index, block, batches, keep_outputs):
         if not keep_outputs:
             engine_inputs.append(torch.cat([b.hidden for b in batches]))
-        return original(self, block, batches, keep_outputs)
+        return original(self, index, block, batches, keep_outputs)
 
     SequentialCalibration.forward_block = capture_forward
     try:

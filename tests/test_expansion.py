@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from conftest import FAMILIES, make_model
 from sparse_expansion import UsageError
 from sparse_expansion.evaluation import perplexity
-from sparse_expansion.expansion import (ExpansionConfig, ExpertLinear, expand_model, ffn_costs, fit_router,
-                                        load_expanded, save_expanded)
+import sparse_expansion
+from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model, fit_router
 from sparse_expansion.expansion import build as build_module
 from sparse_expansion.models import discover
 from sparse_expansion.pruning import METHODS, SparsitySpec, prune_model
@@ -170,10 +170,10 @@ def expanded_llama(tokenizer):
 @pytest.mark.parametrize("weight_format", ["auto", "dense"])
 def test_save_and_load_give_identical_logits(expanded_llama, tokenizer, tmp_path, weight_format):
     model, _ = expanded_llama
-    save_expanded(model, tokenizer, tmp_path / "se", manifest={"test": True}, weight_format=weight_format)
+    sparse_expansion.save(model, tokenizer, tmp_path / "se", manifest={"test": True}, format=weight_format)
     expected_file = "model.safetensors" if weight_format == "dense" else "model.compressed.safetensors"
     assert (tmp_path / "se" / expected_file).is_file()
-    loaded, _ = load_expanded(tmp_path / "se")
+    loaded = sparse_expansion.load(tmp_path / "se").model
     x = small_windows(2, 20, seed=5)
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
@@ -188,39 +188,6 @@ def test_generate_runs_with_the_kv_cache(expanded_llama):
         uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
     assert cached.shape == (1, 14)
     assert torch.equal(cached, uncached)
-
-
-def test_costs_count_sparse_experts_and_routers(expanded_llama):
-    model, _ = expanded_llama
-    costs = ffn_costs(model, discover(model))
-    dense = 2 * 2 * 3 * 64 * 128  # 2 blocks x 3 linears x 64 x 128, 2 FLOPs per multiply-add
-    assert costs["ffn_dense_flops_per_token"] == dense
-    router = 2 * ((64 + 2 * 64 * 8 + 3 * 8 * 4) + (128 + 2 * 128 * 16 + 3 * 16 * 4))
-    assert costs["router_flops_per_token"] == router
-    assert costs["ffn_flops_per_token"] == pytest.approx(dense * 0.5 + router, rel=1e-3)
-    assert costs["ffn_params_stored"] == 4 * dense // 2
-
-
-def test_loading_bad_directories(expanded_llama, tokenizer, tmp_path, llama_dir):
-    with pytest.raises(UsageError, match="not an expanded model"):
-        load_expanded(llama_dir)
-    model, _ = expanded_llama
-    save_expanded(model, tokenizer, tmp_path / "good", manifest={})
-    name = "model.compressed.safetensors"
-    weights = tmp_path / "good" / name
-    data = bytearray(weights.read_bytes())
-    corrupted = tmp_path / "corrupted"
-    save_expanded(model, tokenizer, corrupted, manifest={})
-    flipped = bytearray(data)
-    flipped[len(data) // 2] ^= 0xFF
-    (corrupted / name).write_bytes(bytes(flipped))
-    with pytest.raises(UsageError, match="corrupted or truncated"):
-        load_expanded(corrupted)
-    truncated = tmp_path / "truncated"
-    save_expanded(model, tokenizer, truncated, manifest={})
-    (truncated / name).write_bytes(bytes(data[: len(data) // 3]))
-    with pytest.raises(UsageError, match="corrupted or truncated"):
-        load_expanded(truncated)
 
 
 def test_build_bad_input():

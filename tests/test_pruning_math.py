@@ -8,7 +8,7 @@ from sparse_expansion.pruning import PruneOptions, SparsitySpec, magnitude_prune
 from sparse_expansion.pruning import wanda_prune, wanda_scores
 from sparse_expansion.pruning.masks import lowest_mask
 from sparse_expansion.pruning.quantization import ChannelQuantizer
-from sparse_expansion.pruning.statistics import Hessian, InputSquaredNorm
+from sparse_expansion.calibration.observers import Hessian, InputSquaredNorm
 
 
 def correlated_inputs(tokens=2048, features=96, seed=0):

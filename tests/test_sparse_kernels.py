@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from conftest import generate_from_both_formats, make_model
 
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model
-from sparse_expansion.inference import native
-from sparse_expansion.inference.sparse_linear import CSRWeight, SparseLinear, SwitchCache
-from sparse_expansion.inference.sparse_model import enable_sparse_kernels, force_sparse
+from sparse_expansion.inference import accelerate
+from sparse_expansion.inference import force_sparse
+from sparse_expansion.kernels import native
+from sparse_expansion.layers.sparse_linear import CSRWeight, SparseLinear, SwitchCache, apply_switch
 from sparse_expansion.models import discover
 from sparse_expansion.pruning import SparsitySpec, get_method, prune_model
 
@@ -75,8 +76,8 @@ def test_switch_measurement_is_shared_by_layers_of_one_shape_and_density():
     cache = SwitchCache(batch_sizes=(1, 4), repeats=1)
     a, b = sparse_matrix(30, 20, 0.6, seed=0), sparse_matrix(30, 20, 0.6, seed=0)
     csr_a, csr_b = CSRWeight(a), CSRWeight(b)
-    cache.apply(csr_a, a)
-    cache.apply(csr_b, b)
+    apply_switch(cache, csr_a, a)
+    apply_switch(cache, csr_b, b)
     assert len(cache.measured) == 1
     assert [t for t, _ in csr_a.switch] == [1, 4] and csr_a.switch == csr_b.switch
 
@@ -110,7 +111,7 @@ def test_pruned_model_logits_match_with_kernels(family):
     x = _windows(2, 20, seed=3)
     with torch.no_grad():
         expected = model(input_ids=x).logits
-        report = enable_sparse_kernels(model, cache=SwitchCache(batch_sizes=(1, 2), repeats=1))
+        report = accelerate(model, cache=SwitchCache(batch_sizes=(1, 2), repeats=1))
         force_sparse(model)
         got = model(input_ids=x).logits
         one_token = model(input_ids=x[:1, :1]).logits
@@ -129,7 +130,7 @@ def test_expanded_model_logits_match_with_kernels():
     with torch.no_grad():
         expected = model(input_ids=x).logits
         expected_one = model(input_ids=x[:1, :1]).logits
-        report = enable_sparse_kernels(model, cache=SwitchCache(batch_sizes=(1,), repeats=1))
+        report = accelerate(model, cache=SwitchCache(batch_sizes=(1,), repeats=1))
         force_sparse(model)
         got = model(input_ids=x).logits
         got_one = model(input_ids=x[:1, :1]).logits
@@ -141,15 +142,15 @@ def test_expanded_model_logits_match_with_kernels():
 
 def test_dense_layers_and_kernels_off_leave_the_model_alone(monkeypatch):
     model = make_model("llama")  # dense: nothing to switch
-    report = enable_sparse_kernels(model, cache=SwitchCache(batch_sizes=(1,), repeats=1))
+    report = accelerate(model, cache=SwitchCache(batch_sizes=(1,), repeats=1))
     assert report["layers"] == 0 and not any(isinstance(m, SparseLinear) for m in model.modules())
     pruned = make_model("llama")
     prune_model(pruned, discover(pruned), _windows(), get_method("magnitude"), SparsitySpec(0.7), progress=False)
-    assert enable_sparse_kernels(pruned, mode="off")["layers"] == 0
+    assert accelerate(pruned, mode="off")["layers"] == 0
     monkeypatch.setenv(native.DISABLE_ENV, "off")
     native._load.cache_clear()
     try:
-        report = enable_sparse_kernels(pruned)
+        report = accelerate(pruned)
         assert not report["available"] and "SPARSE_EXPANSION_KERNELS" in report["reason"]
         assert not any(isinstance(m, SparseLinear) for m in pruned.modules())
     finally:

@@ -11,7 +11,8 @@ from conftest import make_model
 from sparse_expansion import UsageError, load
 from sparse_expansion.cli import build_parser, main
 from sparse_expansion.evaluation import zero_shot
-from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model, save_expanded
+import sparse_expansion
+from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model
 from sparse_expansion.models import discover
 from sparse_expansion.pruning import SparsitySpec
 
@@ -34,7 +35,7 @@ def expanded_dir(tmp_path_factory, tokenizer):
     expand_model(model, discover(model), windows, SparsitySpec(0.5), ExpansionConfig(experts=3, pca_reduction=8),
                  progress=False)
     path = tmp_path_factory.mktemp("expanded") / "se"
-    save_expanded(model, tokenizer, path, manifest={})
+    sparse_expansion.save(model, tokenizer, path)
     return path
 
 

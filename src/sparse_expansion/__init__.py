@@ -1,18 +1,21 @@
-"""sparse-expansion: one-shot pruning and Sparse Expansion of Hugging Face causal LMs."""
+"""sparse-expansion: one-shot pruning and Sparse Expansion of Hugging Face causal LMs.
+
+The Python API (api.py) works on any in-memory model and tokenizer: `prune`, `expand`, `evaluate`, `save`,
+`load`. It is imported on first use, so `import sparse_expansion` stays light.
+"""
 
 from .errors import UsageError
+from .runtime import __version__
 
-__version__ = "0.1.0"
-
-
-def load(path=None, dtype="float32", device="cpu", trust_remote_code=False):
-    """Load a dense, pruned or expanded model directory (the embedded default when `path` is None).
-
-    Returns a `LoadedModel` with `.model` (eval mode, on `device`) and `.tokenizer`.
-    """
-    from .models.loading import load_model  # torch/transformers load only when needed
-
-    return load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quiet=True)
+_API = ("prune", "expand", "evaluate", "save", "load")
 
 
-__all__ = ["UsageError", "__version__", "load"]
+def __getattr__(name):
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'sparse_expansion' has no attribute {name!r}")
+
+
+__all__ = ["UsageError", "__version__", *_API]

@@ -25,6 +25,10 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu", help="compute device: cpu (default) or cuda")
     group.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
     group.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    group.add_argument("--bos", choices=("auto", "always", "never"), default="auto",
+                       help="start every calibration and test window with the BOS token: auto (default: when the "
+                            "tokenizer adds one on encoding, e.g. Gemma), always, or never (the SparseGPT/Wanda "
+                            "protocol: windows cut from one token stream)")
     group.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -43,6 +47,18 @@ def _add_pruning_options(parser: argparse.ArgumentParser, multi_sparsity: bool =
     group.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
 
 
+def _method_names() -> list[str]:
+    from .pruning.methods import METHODS
+
+    return list(METHODS)
+
+
+def _data_methods() -> list[str]:
+    from .pruning.methods import METHODS
+
+    return [name for name, method in METHODS.items() if method.statistic is not None]
+
+
 def _add_expansion_options(parser: argparse.ArgumentParser, multi_experts: bool = False) -> None:
     group = parser.add_argument_group("sparse expansion")
     if multi_experts:
@@ -57,7 +73,9 @@ def _add_expansion_options(parser: argparse.ArgumentParser, multi_experts: bool 
     group.add_argument("--router-backend", choices=("torch", "sklearn"), default="torch",
                        help="library that fits PCA and k-means (default torch; see docs/BENCHMARKS.md)")
     group.add_argument("--min-cluster-tokens", type=int, default=32,
-                       help="clusters with fewer calibration tokens use the layer's whole Hessian (default 32)")
+                       help="clusters with fewer calibration tokens use the layer's whole statistic (default 32)")
+    group.add_argument("--expert-method", choices=_data_methods(), default="sparsegpt",
+                       help="how each expert is pruned on its cluster (default sparsegpt)")
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model and save it")
-    prune.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
+    prune.add_argument("--method", choices=_method_names(), default="sparsegpt")
     _add_pruning_options(prune)
     _add_data_options(prune)
     _add_output_options(prune)
@@ -142,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp_ = sub.add_parser("compare", help="several methods on the same calibration and test windows")
     cmp_.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt",
-                      help="comma-separated: dense, magnitude, wanda, sparsegpt, sparse-expansion")
+                      help="comma-separated: " + ", ".join(["dense", *_method_names(), "sparse-expansion"]))
     _add_pruning_options(cmp_, multi_sparsity=True)
     _add_expansion_options(cmp_, multi_experts=True)
     _add_data_options(cmp_)
@@ -156,7 +174,7 @@ def _settings(args):
 
     return RunSettings(model=args.model, data=args.data, calib_samples=args.calib_samples, seqlen=args.seqlen,
                        eval_samples=args.eval_samples, seed=args.seed, device=args.device, dtype=args.dtype,
-                       scope=getattr(args, "scope", "ffn"), batch_size=args.batch_size, quiet=args.quiet,
+                       scope=getattr(args, "scope", "ffn"), batch_size=args.batch_size, bos=args.bos, quiet=args.quiet,
                        trust_remote_code=args.trust_remote_code)
 
 
@@ -180,7 +198,7 @@ def _expansion(args, experts: int):
         raise UsageError("--min-cluster-tokens must be at least 1")
     config = ExpansionConfig(experts=experts, pca_reduction=None if args.no_pca else args.pca_reduction,
                              kmeans_restarts=args.kmeans_restarts, seed=args.seed, backend=args.router_backend,
-                             min_cluster_tokens=args.min_cluster_tokens)
+                             min_cluster_tokens=args.min_cluster_tokens, method=args.expert_method)
     config.validate()
     return config
 
@@ -217,11 +235,11 @@ def _print(text: str, quiet: bool = False) -> None:
 
 def cmd_prune(args) -> int:
     from . import workflow
-    from .io import check_output_path
+    from .io import check_output_path, save_model_dir
+    from .pruning import get_method
 
     spec = _specs(args)[0]
     options = _options(args)
-    from .pruning import get_method
 
     get_method(args.method, options.bits)
     check_output_path(args.out, args.overwrite)
@@ -229,8 +247,8 @@ def cmd_prune(args) -> int:
     report = workflow.prune_session_model(session, session.model, args.method, spec, options)
     extra = {"perplexity": workflow.evaluate(session, session.model)} if args.eval else None
     data = workflow.manifest(session, "prune", report, options, extra)
-    workflow.save_model_dir(session, session.model, args.out, data, overwrite=args.overwrite,
-                            weight_format=args.format)
+    save_model_dir(session.model, session.tokenizer, args.out, data, weight_format=args.format,
+                   overwrite=args.overwrite)
     print(f"{args.method} {spec.label}: measured sparsity {report.overall_sparsity():.4f} over "
           f"{len(report.layers)} layers in {report.seconds:.1f} s -> {args.out}")
     if extra:
@@ -240,8 +258,7 @@ def cmd_prune(args) -> int:
 
 def cmd_expand(args) -> int:
     from . import workflow
-    from .expansion import save_expanded
-    from .io import check_output_path
+    from .io import check_output_path, save_model_dir
 
     spec = _specs(args)[0]
     options = _options(args)
@@ -253,8 +270,8 @@ def cmd_expand(args) -> int:
     if args.eval:
         extra["perplexity"] = workflow.evaluate(session, session.model)
     data = workflow.manifest(session, "expand", report, options, extra)
-    save_expanded(session.model, session.tokenizer, args.out, data, overwrite=args.overwrite,
-                  weight_format=args.format)
+    save_model_dir(session.model, session.tokenizer, args.out, data, weight_format=args.format,
+                   overwrite=args.overwrite)
     print(f"sparse expansion x{config.experts} at {spec.label}: {report.overall_sparsity():.4f} sparsity per expert, "
           f"{report.fallbacks()} fallback experts, {report.seconds:.1f} s -> {args.out}")
     costs = extra["costs"]
@@ -283,7 +300,7 @@ def cmd_generate(args) -> int:
     else:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     ids = ids.to(args.device)
-    from .inference.sparse_model import accelerate
+    from .inference import accelerate
 
     accelerate(loaded.model, args.kernels)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -296,13 +313,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .inference.kernel_bench import kernel_benchmark
+    from .bench.kernel import kernel_benchmark
     from .io import atomic_write_text
 
     if args.kernel == bool(args.model):
         raise UsageError("bench needs exactly one of --kernel or --model DIR")
     if args.model:
-        from .inference.model_bench import model_benchmark
+        from .bench.model import model_benchmark
 
         result = model_benchmark(args.model, args.baseline, args.prompt_tokens, args.new_tokens, args.repeats,
                                  kernels=args.kernels)
@@ -313,15 +330,14 @@ def cmd_bench(args) -> int:
         print(f"speedup: prefill {result['prefill_speedup']:.2f}x, decode {result['decode_speedup']:.2f}x; "
               f"peak RSS {result['peak_rss_mb']:.0f} MB (both models)")
     elif args.device.startswith("cuda"):
-        from .inference.semi_structured import semi_structured_benchmark, semi_structured_supported
+        from .bench.kernel import semi_structured_benchmark
 
-        if not semi_structured_supported():
-            raise UsageError("--device cuda: no CUDA GPU with 2:4 sparse tensor cores (compute capability >= 8.0)")
         result = semi_structured_benchmark(args.rows, args.cols, batch=args.batch)
         for label in ("single", "batched"):
             t = result[label]
             print(f"{args.rows}x{args.cols} 2:4 {result['dtype']} on {result['device']}, {label}: dense "
                   f"{t['dense_ms']:.4f} ms, semi-structured {t['semi_structured_ms']:.4f} ms, speedup {t['speedup']:.2f}x")
+        print(f"a model's layer of this shape uses 2:4 at token counts: {result['layer_uses_semi_structured_at'] or 'never'}")
     else:
         result = kernel_benchmark(args.rows, args.cols, args.sparsity, batch=args.batch)
         for label in ("single", "batched"):
@@ -346,7 +362,7 @@ def cmd_eval(args) -> int:
     session = workflow.open_session(_settings(args))
     result = workflow.evaluate(session, session.model)
     result.update({"model": session.loaded.source, "seqlen": args.seqlen,
-                   "data": session.corpus.summary() if session.corpus else None})
+                   "data": session.data_summary()})
     print(f"perplexity {result['ppl']:.4f} on {result['eval_tokens']} tokens ({result['eval_windows']} windows "
           f"of {args.seqlen})")
     if args.json:
@@ -398,7 +414,7 @@ def cmd_compare(args) -> int:
     command_line = "sparse-expansion " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.json:
         payload = {"settings": session.settings.describe(), "model": session.loaded.source,
-                   "data": session.corpus.summary() if session.corpus else None, "results": rows}
+                   "data": session.data_summary(), "results": rows}
         atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
     if report_path:
         atomic_write_text(report_path, workflow.markdown_report(session, rows, command_line))

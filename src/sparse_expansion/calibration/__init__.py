@@ -1,6 +1,8 @@
-"""Block-by-block calibration: capture the first block's inputs, then walk the blocks in order."""
+"""Block-by-block calibration: capture every block's arguments, then walk the blocks through observe ->
+reduce -> modify -> propagate; statistics with update and merge."""
 
-from .engine import BlockBatch, SequentialCalibration
-from .hooks import record_inputs
+from .engine import BlockBatch, SequentialCalibration, Step, Watch, block_outputs, identity_reduce, watching
+from .observers import Hessian, InputSquaredNorm, TokenRecorder
 
-__all__ = ["BlockBatch", "SequentialCalibration", "record_inputs"]
+__all__ = ["BlockBatch", "Hessian", "InputSquaredNorm", "SequentialCalibration", "Step", "TokenRecorder", "Watch",
+           "block_outputs", "identity_reduce", "watching"]

@@ -1,27 +1,37 @@
-"""The sequential calibration engine: it knows models, not pruning algorithms.
+"""The sequential calibration engine: it knows models, not algorithms.
 
-1. Run the model on the calibration windows until the first decoder block, and record what that
-   block receives: the hidden states and its keyword arguments (attention mask, position
-   embeddings, ...), with the KV cache turned off. Replaying the block's own keyword arguments is what
-   makes this work across architectures without per-family code.
-2. For each block in turn: move it to the compute device, let the caller process it (typically: run
-   the calibration batches through it with statistics hooks, then change its weights), then run the
-   batches through the *modified* block to produce the next block's inputs, so that errors
-   accumulate as they will in the compressed model (as in SparseGPT).
+1. Capture. The model runs once on each calibration batch with every decoder block replaced by a recorder
+   that keeps what the model passes to that block and returns its input unchanged: block 0's hidden
+   states, and for *every* block its own keyword arguments (attention mask, position embeddings, and
+   whatever is specific to its layer type: Gemma-2/3 alternate sliding-window and global attention with
+   different masks and rotary tables), with the KV cache off. No block computes anything during capture and
+   the last recorder stops the forward pass. Replaying each block's own arguments is what makes this work
+   across architectures without per-family code.
+2. For each block in turn, on the compute device, the stages of a `Step`:
+   observe  - statistics (calibration/observers.py) watch named modules' inputs or outputs while the
+              calibration batches run through the block;
+   reduce   - combine statistics (identity in one process; an all-reduce across processes);
+   modify   - change the block (prune, expand, ...);
+   propagate- run the batches through the *modified* block to produce the next block's inputs, so that
+              errors accumulate as they will in the compressed model (as in SparseGPT);
+   after    - a callback with the block's outputs (checkpoints, observe-only analyses).
+   An observe-only step (`modifies = False`) needs one pass per block: it observes while propagating.
+   `stop_after=N` ends the walk after block N.
 
 Only one block is on the compute device at a time; activations are kept on `store_device`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.discovery import ModelLayout
+from ..models.discovery import ModelLayout, discover
 
 # Keyword arguments that carry the KV cache; calibration runs without one.
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
@@ -29,30 +39,79 @@ _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 
 @dataclass
 class BlockBatch:
+    """One calibration batch at the current block."""
+
     hidden: torch.Tensor  # (batch, seq, hidden) input of the current block
-    args: tuple  # extra positional arguments (rare)
-    kwargs: dict  # keyword arguments recorded at block 0
+    calls: list[tuple[tuple, dict]]  # per block: the extra positional and keyword arguments the model passes
+
+
+@dataclass
+class Watch:
+    """Feed `statistic.update` with the input (or output) of the module at `module` inside the block."""
+
+    module: str  # path inside the block; "" is the block itself
+    statistic: object  # has update(tensor) and merge(other)
+    on: str = "input"  # "input" or "output"
+
+
+class Step:
+    """What a job plugs into the engine; override the stages it needs."""
+
+    modifies = True  # False: observe-only (one pass per block, no change to the model)
+
+    def observe(self, index: int, block: nn.Module) -> dict[str, Watch]:
+        return {}
+
+    def modify(self, index: int, block: nn.Module, statistics: dict[str, object]) -> None:
+        pass
+
+
+def identity_reduce(statistics: dict[str, object]) -> dict[str, object]:
+    return statistics
 
 
 class _StopForward(Exception):
     pass
 
 
-def _to(value, device):
+def _to(value, device, memo: dict):
+    """Move tensors (inside tuples, lists and dicts) to `device`, keeping shared tensors shared."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        key = id(value)
+        if key not in memo:
+            memo[key] = value.to(device)
+        return memo[key]
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(_to(v, device, memo) for v in value)
     if isinstance(value, list):
-        return [_to(v, device) for v in value]
+        return [_to(v, device, memo) for v in value]
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _to(v, device, memo) for k, v in value.items()}
     return value
 
 
 def _hidden_output(output):
     # transformers >= 5 returns a tensor; older versions and some families return a tuple.
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def watching(block: nn.Module, watches: dict[str, Watch]) -> Iterator[None]:
+    """While active, every forward of a watched module feeds its input (or output) to the statistic."""
+    handles = []
+    for watch in watches.values():
+        module = block.get_submodule(watch.module)
+
+        def hook(_module, args, output, watch=watch):
+            tensor = args[0] if watch.on == "input" else _hidden_output(output)
+            watch.statistic.update(tensor.detach())
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class SequentialCalibration:
@@ -79,54 +138,100 @@ class SequentialCalibration:
 
     @torch.no_grad()
     def capture(self, windows: torch.Tensor) -> list[BlockBatch]:
-        """Inputs of the first block for every calibration batch."""
-        first = self.layout.blocks[0]
+        """Block 0's inputs and every block's own arguments, for every calibration batch."""
+        blocks = self.layout.blocks
+        last = len(blocks) - 1
+        memo: dict = {}
+        current: dict = {}
+
+        def recorder(index: int):
+            def forward(*args, **kwargs):
+                if args:
+                    hidden, extra = args[0], args[1:]
+                else:
+                    hidden, extra = kwargs.pop("hidden_states"), ()
+                kept = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+                if "use_cache" in kept:
+                    kept["use_cache"] = False
+                if index == 0:
+                    current["hidden"] = hidden.to(self.store_device)
+                current["calls"].append((_to(extra, self.store_device, memo), _to(kept, self.store_device, memo)))
+                if index == last:
+                    raise _StopForward
+                return hidden
+            return forward
+
         batches: list[BlockBatch] = []
-
-        def grab(_module, args, kwargs):
-            if args:
-                hidden, extra = args[0], args[1:]
-            else:
-                hidden, extra = kwargs.pop("hidden_states"), ()
-            kept = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
-            if "use_cache" in kept:
-                kept["use_cache"] = False
-            batches.append(BlockBatch(hidden.to(self.store_device), _to(extra, self.store_device),
-                                      _to(kept, self.store_device)))
-            raise _StopForward
-
         self._move_non_block_parts(self.device)
-        first.to(self.device)
-        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        for index, block in enumerate(blocks):
+            block.forward = recorder(index)  # an instance attribute: nn.Module.__call__ runs it
         try:
             for start in range(0, windows.shape[0], self.batch_size):
+                current.clear()
+                current["calls"] = []
+                memo.clear()
                 try:
                     self.model(input_ids=windows[start:start + self.batch_size].to(self.device), use_cache=False)
                 except _StopForward:
                     pass
+                if len(current["calls"]) != len(blocks):
+                    raise RuntimeError(f"the model called {len(current['calls'])} of its {len(blocks)} blocks")
+                batches.append(BlockBatch(current["hidden"], current["calls"]))
         finally:
-            handle.remove()
-            first.to(self.store_device)
+            for block in blocks:
+                del block.forward
             self._move_non_block_parts(self.store_device)
         return batches
 
     @torch.no_grad()
-    def forward_block(self, block: nn.Module, batches: list[BlockBatch], keep_outputs: bool) -> list[BlockBatch]:
+    def forward_block(self, index: int, block: nn.Module, batches: list[BlockBatch],
+                      keep_outputs: bool) -> list[BlockBatch]:
         outputs = []
         for batch in batches:
-            out = block(batch.hidden.to(self.device), *_to(batch.args, self.device), **_to(batch.kwargs, self.device))
+            memo: dict = {}
+            args, kwargs = batch.calls[index]
+            out = block(batch.hidden.to(self.device), *_to(args, self.device, memo), **_to(kwargs, self.device, memo))
             if keep_outputs:
-                outputs.append(BlockBatch(_hidden_output(out).to(self.store_device), batch.args, batch.kwargs))
+                outputs.append(BlockBatch(_hidden_output(out).to(self.store_device), batch.calls))
         return outputs
 
-    def run(self, windows: torch.Tensor,
-            process_block: Callable[[int, nn.Module, Callable[[], None]], None]) -> None:
-        """Walk the blocks; `process_block(index, block, feed)` may call `feed()` to run the calibration
-        batches through the block (outputs discarded), e.g. with statistics hooks attached."""
+    def run(self, windows: torch.Tensor, step: Step | None = None,
+            reduce: Callable[[dict], dict] = identity_reduce,
+            after_block: Callable[[int, nn.Module, list[torch.Tensor], dict], None] | None = None,
+            stop_after: int | None = None) -> None:
+        """Walk the blocks through the stages of `step` (see the module docstring)."""
         batches = self.capture(windows)
         blocks = self.layout.blocks
-        for index in tqdm(range(len(blocks)), desc=self.desc, disable=not self.progress, leave=False):
+        count = len(blocks) if stop_after is None else min(len(blocks), stop_after + 1)
+        for index in tqdm(range(count), desc=self.desc, disable=not self.progress, leave=False):
             block = blocks[index].to(self.device)
-            process_block(index, block, lambda: self.forward_block(block, batches, keep_outputs=False))
-            batches = self.forward_block(block, batches, keep_outputs=True)
+            watches = step.observe(index, block) if step is not None else {}
+            if step is not None and step.modifies:
+                if watches:
+                    with watching(block, watches):
+                        self.forward_block(index, block, batches, keep_outputs=False)
+                statistics = reduce({name: watch.statistic for name, watch in watches.items()})
+                step.modify(index, block, statistics)
+                batches = self.forward_block(index, block, batches, keep_outputs=True)
+            else:
+                with watching(block, watches):
+                    batches = self.forward_block(index, block, batches, keep_outputs=True)
+                statistics = reduce({name: watch.statistic for name, watch in watches.items()})
+                if step is not None:
+                    step.modify(index, block, statistics)
+            if after_block is not None:
+                after_block(index, block, [b.hidden for b in batches], statistics)
             blocks[index].to(self.store_device)
+
+
+@torch.no_grad()
+def block_outputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8, device: torch.device | str = "cpu",
+                  stop_after: int | None = None, layout: ModelLayout | None = None) -> list[torch.Tensor]:
+    """Each decoder block's output hidden states (n, seq, hidden), as the engine propagates `input_ids`
+    through the unchanged model: observe-only, one block on `device` at a time, results on the CPU."""
+    layout = layout or discover(model)
+    outputs: list[torch.Tensor] = []
+    engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=False)
+    engine.run(input_ids, after_block=lambda index, block, hidden, stats: outputs.append(
+        torch.cat([h.cpu() for h in hidden])), stop_after=stop_after)
+    return outputs

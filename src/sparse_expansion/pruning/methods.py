@@ -1,7 +1,9 @@
 """The pruning methods: each maps (weight, calibration statistic, spec) to a pruned weight.
 
 None of them knows about models: the calibration engine feeds them statistics of one linear layer's
-inputs, and the pipeline writes the result back.
+inputs, and the pipeline writes the result back. Every method also prunes a stack of matrices at once,
+`weight` of shape (E, rows, cols) with a stacked statistic (`Statistic.stack`, one row per matrix): Sparse
+Expansion prunes the k experts of a layer this way, each with its own cluster's statistic.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import torch
 
 from ..errors import UsageError
 from .masks import lowest_mask
-from .sparsegpt import sparsegpt_prune
+from .sparsegpt import hessian_factors, sparsegpt_prune
 from .spec import SparsitySpec
-from .statistics import Hessian, InputSquaredNorm
+from ..calibration.observers import Hessian, InputSquaredNorm
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ def magnitude_prune(weight: torch.Tensor, statistic, spec: SparsitySpec, options
 
 def wanda_scores(weight: torch.Tensor, input_mean_sq: torch.Tensor) -> torch.Tensor:
     """Wanda's saliency |W_ij| * ||X_j||_2 (any constant factor on the norm leaves the ranking unchanged)."""
-    return weight.abs().float() * input_mean_sq.to(weight.device).float().sqrt().reshape(1, -1)
+    return weight.abs().float() * input_mean_sq.to(weight.device).float().sqrt().unsqueeze(-2)
 
 
 def wanda_prune(weight: torch.Tensor, statistic: InputSquaredNorm, spec: SparsitySpec,
@@ -45,8 +47,13 @@ def wanda_prune(weight: torch.Tensor, statistic: InputSquaredNorm, spec: Sparsit
 
 def sparsegpt_method(weight: torch.Tensor, statistic: Hessian, spec: SparsitySpec,
                      options: PruneOptions) -> torch.Tensor:
-    return sparsegpt_prune(weight, statistic.matrix, spec, blocksize=options.blocksize,
-                           percdamp=options.percdamp, bits=options.bits).weight
+    # The factorization is cached on the statistic: layers that read the same input share it.
+    key = ("sparsegpt_factors", options.percdamp)
+    if key not in statistic.derived:
+        matrices = statistic.matrix if statistic.matrix.dim() == 3 else statistic.matrix.unsqueeze(0)
+        statistic.derived[key] = hessian_factors(matrices.to(weight.device), options.percdamp)
+    return sparsegpt_prune(weight, None, spec, blocksize=options.blocksize, percdamp=options.percdamp,
+                           bits=options.bits, factors=statistic.derived[key]).weight
 
 
 @dataclass(frozen=True)
@@ -55,12 +62,14 @@ class PruningMethod:
     prune: Callable[[torch.Tensor, object, SparsitySpec, PruneOptions], torch.Tensor]
     statistic: type | None  # statistic of the layer's calibration inputs; None = needs no data
     supports_bits: bool = False
+    description: str = ""
 
 
 METHODS: dict[str, PruningMethod] = {
-    "magnitude": PruningMethod("magnitude", magnitude_prune, None),
-    "wanda": PruningMethod("wanda", wanda_prune, InputSquaredNorm),
-    "sparsegpt": PruningMethod("sparsegpt", sparsegpt_method, Hessian, supports_bits=True),
+    "magnitude": PruningMethod("magnitude", magnitude_prune, None, description="smallest |w| per matrix"),
+    "wanda": PruningMethod("wanda", wanda_prune, InputSquaredNorm, description="|w| * ||x|| per output row"),
+    "sparsegpt": PruningMethod("sparsegpt", sparsegpt_method, Hessian, supports_bits=True,
+                               description="OBS reconstruction with the inputs' Hessian"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Prune a whole model: discovery + the sequential engine + one per-layer method."""
+"""Prune a whole model: discovery + the sequential engine + one per-layer method from the registry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import SequentialCalibration, record_inputs
+from ..calibration import SequentialCalibration, Step, Watch
 from ..models.discovery import ModelLayout, linear_weight, set_linear_weight
 from .masks import check_nm_shape
 from .methods import PruneOptions, PruningMethod
@@ -29,6 +29,14 @@ class PruneReport:
         total = sum(info["numel"] for info in self.layers.values())
         return zeros / total if total else 0.0
 
+    def describe(self, options: PruneOptions | None = None) -> dict:
+        """What a manifest records of this run."""
+        options = options or PruneOptions()
+        return {"method": self.method, "sparsity": self.spec.sparsity,
+                "nm": f"{self.spec.n}:{self.spec.m}" if self.spec.is_nm else None, "scope": self.scope,
+                "bits": options.bits, "blocksize": options.blocksize, "percdamp": options.percdamp,
+                "seconds": self.seconds, "overall_sparsity": self.overall_sparsity(), "layers": self.layers}
+
 
 def _prune_linear(name: str, module: nn.Module, method: PruningMethod, statistic, spec: SparsitySpec,
                   options: PruneOptions, report: PruneReport, compute_device: torch.device) -> None:
@@ -40,10 +48,37 @@ def _prune_linear(name: str, module: nn.Module, method: PruningMethod, statistic
     report.layers[name] = {"shape": list(weight.shape), "zeros": zeros, "numel": numel, "sparsity": zeros / numel}
 
 
+class PruneStep(Step):
+    """observe: one statistic per group of linears that read the same input; modify: prune each linear."""
+
+    def __init__(self, layout: ModelLayout, method: PruningMethod, spec: SparsitySpec, scope: str,
+                 options: PruneOptions, device: torch.device, report: PruneReport):
+        self.layout, self.method, self.spec, self.scope = layout, method, spec, scope
+        self.options, self.device, self.report = options, device, report
+        self.groups = layout.input_groups(scope)
+
+    def observe(self, index: int, block: nn.Module) -> dict[str, Watch]:
+        watches = {}
+        for group, names in self.groups.items():
+            in_features = linear_weight(block.get_submodule(names[0])).shape[-1]
+            watches[group] = Watch(names[0], self.method.statistic(in_features, self.device))
+        return watches
+
+    def modify(self, index: int, block: nn.Module, statistics: dict[str, object]) -> None:
+        for group, names in self.groups.items():
+            for name in names:
+                _prune_linear(f"{self.layout.blocks_path}.{index}.{name}", block.get_submodule(name), self.method,
+                              statistics[group], self.spec, self.options, self.report, self.device)
+
+
 def prune_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor | None, method: PruningMethod,
                 spec: SparsitySpec, scope: str = "ffn", options: PruneOptions | None = None,
-                device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = True) -> PruneReport:
-    """Prune the selected linears of every block in place and report the measured sparsity per layer."""
+                device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = True,
+                engine_options: dict | None = None) -> PruneReport:
+    """Prune the selected linears of every block in place and report the measured sparsity per layer.
+
+    `engine_options` go to `SequentialCalibration.run` (reduce, after_block, stop_after).
+    """
     options = options or PruneOptions()
     device = torch.device(device)
     selected = layout.select(scope)
@@ -61,17 +96,8 @@ def prune_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor | N
         report.seconds = time.perf_counter() - start
         return report
 
-    def process_block(index: int, block: nn.Module, feed) -> None:
-        modules = layout.modules(index, scope)
-        statistics = {name: method.statistic(linear_weight(m).shape[1], device) for name, m in modules.items()}
-        with record_inputs(modules, statistics):
-            feed()
-        for name, module in modules.items():
-            _prune_linear(f"{prefix}.{index}.{name}", module, method, statistics[name], spec, options, report,
-                          device)
-
     engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=progress,
                                    desc=method.name)
-    engine.run(windows, process_block)
+    engine.run(windows, PruneStep(layout, method, spec, scope, options, device, report), **(engine_options or {}))
     report.seconds = time.perf_counter() - start
     return report

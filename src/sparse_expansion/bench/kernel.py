@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from . import native
-from .sparse_linear import CSRWeight, SparseLinear, SwitchCache
-from .timing import paired_medians_ms
+from ..kernels import native
+from ..kernels.timing import paired_medians_ms
+from ..layers.sparse_linear import CSRWeight, SparseLinear, SwitchCache, apply_switch
 
 
 def random_sparse_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
@@ -71,7 +71,7 @@ def kernel_benchmark(rows: int, cols: int, sparsity: float, batch: int = 128, mi
         linear = nn.Linear(cols, rows, bias=False)
         linear.weight.data = weight
         # The switch is measured at 1 token and at the batch size of this benchmark only.
-        SwitchCache(batch_sizes=tuple(sorted({1, batch}))).apply(own, weight)
+        apply_switch(SwitchCache(batch_sizes=tuple(sorted({1, batch}))), own, weight)
         layer = SparseLinear(linear, own)
     else:
         result["kernel_unavailable_reason"] = native.unavailable_reason()
@@ -109,4 +109,37 @@ def kernel_benchmark(rows: int, cols: int, sparsity: float, batch: int = 128, mi
         result[label] = timings
     result["speedup"] = result["single"]["speedup"]
     result["kernel_speedup"] = result["single"].get("kernel_speedup")
+    return result
+
+
+def semi_structured_benchmark(rows: int, cols: int, batch: int = 128, dtype: torch.dtype = torch.float16,
+                              min_run_time: float = 0.5) -> dict:
+    """Dense against 2:4 semi-structured products on the GPU at 1 token and `batch` tokens, median of
+    CUDA-synchronised runs, and what the layer (with its measured switch) does at each size."""
+    from torch.utils import benchmark
+
+    from ..layers.semi_structured import semi_structured_product, semi_structured_supported
+    from ..layers.switch import measure_switch
+
+    if not semi_structured_supported():
+        raise UsageError("--device cuda: no CUDA GPU with 2:4 sparse tensor cores (compute capability >= 8.0)")
+    mask = torch.tensor([0, 0, 1, 1], dtype=torch.bool, device="cuda").tile(rows, cols // 4)
+    weight = (torch.randn(rows, cols, device="cuda", dtype=dtype) * mask).contiguous()
+    sparse = torch.sparse.to_sparse_semi_structured(weight)
+    result = {"rows": rows, "cols": cols, "batch": batch, "dtype": str(dtype).split(".")[-1],
+              "device": torch.cuda.get_device_name()}
+    sizes = tuple(sorted({1, batch}))
+    for label, tokens in (("single", 1), ("batched", batch)):
+        x = torch.randn(tokens, cols, device="cuda", dtype=dtype)
+        torch.testing.assert_close(semi_structured_product(sparse, x, None), F.linear(x, weight), rtol=1e-2, atol=1e-2)
+        timings = {}
+        for name, fn in (("dense", F.linear), ("semi_structured", lambda a, _w: semi_structured_product(sparse, a, None))):
+            timer = benchmark.Timer(stmt="fn(x, w)", globals={"fn": fn, "x": x, "w": weight})
+            timings[f"{name}_ms"] = timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+        timings["speedup"] = timings["dense_ms"] / timings["semi_structured_ms"]
+        result[label] = timings
+    # What a model's layer of this shape would do (accelerate converts it only where this lists sizes).
+    measured = measure_switch(lambda a: semi_structured_product(sparse, a, None), lambda a: F.linear(a, weight),
+                              cols, sizes, device="cuda", dtype=dtype)
+    result["layer_uses_semi_structured_at"] = [t for t, faster, _, _ in measured if faster]
     return result

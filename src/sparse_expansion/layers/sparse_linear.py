@@ -1,37 +1,33 @@
 """Pruned linear layers that run the CPU sparse kernels where, and only where, they are faster.
 
-`CSRWeight` holds one pruned matrix in CSR form for `native.py`'s kernels. Whether a product with n
-tokens uses the sparse kernel or the dense `F.linear` is decided by measurement: `measure_switch`
-times both on the layer's own weights for n = 1, 2, 4, ... and the layer then takes, for n tokens, the
-faster of the two at the smallest measured size >= n. Layers of the same shape and density share one
-measurement (a model has only a few distinct shapes).
-
-`enable_sparse_kernels(model)` applies this to every pruned linear layer of the decoder blocks (plain
-`nn.Linear` layers become `SparseLinear`, which keeps the dense weight as its fallback) and to every
-expert of every `ExpertLinear`. It is for inference: with gradients enabled, on another device or dtype,
-layers fall back to the dense path.
+`CSRWeight` holds one pruned matrix in CSR form for the kernels in `kernels/native.py`, with a measured
+switch (layers/switch.py): for n tokens it runs the sparse kernel only if that measured faster than the
+dense `F.linear` on the same shape and density. `SparseLinear` keeps the dense weight as its fallback; its
+state dict is an ordinary linear layer's, so it is saved as one.
 """
 
 from __future__ import annotations
-
-import bisect
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from .timing import paired_medians_ms
+from ..kernels import native
+from .linear import LinearKind, nonzero_flops
+from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
+from .switch import ALWAYS, SWITCH_BATCH_SIZES, SwitchCache, Switched
 
-SWITCH_BATCH_SIZES = tuple(2 ** i for i in range(12))  # 1 .. 2048 tokens
 MIN_SPARSITY = 0.2  # below this a CSR product cannot beat dense (bench --kernel: 1.0x at 30%)
 
+__all__ = ["CSRWeight", "MIN_SPARSITY", "SWITCH_BATCH_SIZES", "SparseLinear", "SwitchCache", "csr_candidate",
+           "prepare_csr", "sparse_product", "to_sparse_linear"]
 
-class CSRWeight:
+
+class CSRWeight(Switched):
     """A (rows x cols) fp32 matrix as int64 row pointers, 16- or 32-bit column indices and values."""
 
     def __init__(self, dense: torch.Tensor):
+        super().__init__()
         if dense.dim() != 2:
             raise ValueError("CSRWeight needs a 2-D weight")
         weight = dense.detach().to("cpu", torch.float32).contiguous()
@@ -45,7 +41,6 @@ class CSRWeight:
         self.col = columns.to(native.index_dtype(self.cols)).contiguous()
         self.values = weight[nonzero].contiguous()
         self.suffix = native.index_suffix(self.cols)
-        self.switch = []  # (tokens, sparse is faster), filled by measure_switch
         self._pointers = (self.rowptr.data_ptr(), self.col.data_ptr(), self.values.data_ptr())
         self._functions = None  # the library's two entry points, looked up at the first product
 
@@ -59,26 +54,14 @@ class CSRWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.col, self.values))
-
-    @property
-    def switch(self) -> list[tuple[int, bool]]:
-        return self._switch
-
-    @switch.setter
-    def switch(self, decisions: list[tuple[int, bool]]) -> None:
-        self._switch = list(decisions)
-        self._sizes = [size for size, _ in self._switch]
-        # Decoding asks about one token ~100 times per generated token: answer that from a field.
-        self.sparse_at_one_token = self._lookup(1)
-
-    def _lookup(self, tokens: int) -> bool:
-        if not self._switch:
-            return False
-        return self._switch[min(bisect.bisect_left(self._sizes, tokens), len(self._sizes) - 1)][1]
+        return tensor_bytes(self.rowptr, self.col, self.values)
 
     def use_sparse(self, tokens: int) -> bool:
-        return self.sparse_at_one_token if tokens == 1 else self._lookup(tokens)
+        return self.use_fast(tokens)
+
+    def bytes_at_one_token(self, dense: torch.Tensor) -> int:
+        """Weight bytes one token reads: the CSR arrays when the kernel runs at one token, else the matrix."""
+        return self.nbytes if self.use_sparse(1) else tensor_bytes(dense)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (tokens x cols) fp32 contiguous CPU -> x W^T + bias (tokens x rows)."""
@@ -97,38 +80,26 @@ class CSRWeight:
         return out
 
 
-def measure_switch(csr: CSRWeight, dense: torch.Tensor, batch_sizes=SWITCH_BATCH_SIZES, repeats: int = 7,
-                   seed: int = 0) -> list[tuple[int, bool, float, float]]:
-    """Time dense and sparse products for each batch size; returns (tokens, sparse faster, dense s, sparse s).
-
-    Dense and sparse runs alternate, one call each per round, and each keeps its median, so a busy
-    machine slows both alike.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    dense = dense.detach().to(torch.float32).contiguous()
-    rows = []
-    for tokens in batch_sizes:
-        x = torch.randn(tokens, csr.cols, generator=generator)
-        medians = paired_medians_ms({"dense": lambda: F.linear(x, dense), "sparse": lambda: csr.matmul(x)},
-                                    min_run_time=0.0, block_seconds=0.0, min_rounds=repeats)
-        dense_s, sparse_s = medians["dense"] * 1e-3, medians["sparse"] * 1e-3
-        rows.append((tokens, sparse_s < dense_s, dense_s, sparse_s))
-    return rows
+def apply_switch(cache: SwitchCache, csr: CSRWeight, dense: torch.Tensor) -> None:
+    """The measured decision for this shape and density (shared by the layers that have them)."""
+    weight = dense.detach().to(torch.float32).contiguous()
+    cache.decide(csr, ("csr", csr.rows, csr.cols, round(csr.density, 2)), fast=csr.matmul,
+                 dense=lambda x: F.linear(x, weight), cols=csr.cols)
 
 
-@dataclass
-class SwitchCache:
-    """One measurement per (shape, density to 1%, threads): layers that share these share the switch."""
+def csr_candidate(weight: torch.Tensor) -> bool:
+    """fp32 on the CPU and sparse enough for the kernel to have a chance."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and 1 - torch.count_nonzero(weight).item() / weight.numel() >= MIN_SPARSITY)
 
-    batch_sizes: tuple[int, ...] = SWITCH_BATCH_SIZES
-    repeats: int = 7
-    measured: dict = field(default_factory=dict)
 
-    def apply(self, csr: CSRWeight, dense: torch.Tensor) -> None:
-        key = (csr.rows, csr.cols, round(csr.density, 2), torch.get_num_threads())
-        if key not in self.measured:
-            self.measured[key] = measure_switch(csr, dense, self.batch_sizes, self.repeats)
-        csr.switch = [(tokens, faster) for tokens, faster, _, _ in self.measured[key]]
+def prepare_csr(weight: torch.Tensor, context: AccelerateContext) -> CSRWeight:
+    csr = CSRWeight(weight)
+    if context.mode == "always":
+        csr.switch = ALWAYS
+    else:
+        apply_switch(context.switches, csr, weight)
+    return csr
 
 
 def sparse_product(csr: CSRWeight | None, x2d: torch.Tensor, weight: torch.Tensor,
@@ -157,12 +128,35 @@ class SparseLinear(nn.Linear):
         self.csr = csr
 
     def extra_repr(self) -> str:
-        sparse_sizes = [tokens for tokens, faster in self.csr.switch if faster]
         return (f"{super().extra_repr()}, density={self.csr.density:.3f}, "
-                f"sparse kernel at tokens={sparse_sizes or 'never'}")
+                f"sparse kernel at tokens={self.csr.fast_sizes() or 'never'}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.csr.use_sparse(x.numel() // self.in_features):
             return F.linear(x, self.weight, self.bias)  # the fallback costs no more than nn.Linear
         flat = x.reshape(-1, self.in_features)
         return sparse_product(self.csr, flat, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
+
+
+def to_sparse_linear(module: nn.Linear, context: AccelerateContext) -> SparseLinear | None:
+    """The CPU path for a pruned fp32 linear layer, or None when it does not apply."""
+    if not context.cpu_kernels or not csr_candidate(module.weight):
+        return None
+    return SparseLinear(module, prepare_csr(module.weight, context))
+
+
+class SparseLinearKind(LayerKind):
+    name = "sparse_linear"
+    types = (SparseLinear,)
+    linear = True
+    priority = 10
+
+    def flops_per_token(self, module: SparseLinear) -> float:
+        return nonzero_flops(module.weight)
+
+    def bytes_per_token(self, module: SparseLinear) -> float:
+        return float(module.csr.bytes_at_one_token(module.weight) + tensor_bytes(module.bias))
+
+
+register(SparseLinearKind())
+LinearKind.converters.append(to_sparse_linear)

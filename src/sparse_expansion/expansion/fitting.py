@@ -1,4 +1,4 @@
-"""Routers: PCA projection + nearest k-means centroid, fitted on one layer's calibration inputs.
+"""Fitting routers (layers/router.py): PCA projection + k-means, on one layer's calibration inputs.
 
 Fitting uses either torch (default) or scikit-learn (`backend="sklearn"`); benchmarks/bench_router.py
 measures both on the sizes that matter. Routing at inference is always torch, on the model's device.
@@ -9,80 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from ..errors import UsageError
+from ..layers.router import Router
 
 BACKENDS = ("torch", "sklearn")
-
-
-class Router(nn.Module):
-    """Sends each token to one expert: argmin_k ||P^T (x - mean) - c_k||.
-
-    Buffers: `mean` (d_in), `projection` (d_in x r; an identity-sized placeholder of shape (0, 0) when
-    PCA is off) and `centroids` (k x r).
-    """
-
-    def __init__(self, in_features: int, components: int | None, experts: int):
-        super().__init__()
-        dim = components if components else in_features
-        self.in_features = in_features
-        self.components = components
-        self.register_buffer("mean", torch.zeros(in_features))
-        self.register_buffer("projection", torch.zeros(in_features, components) if components else torch.zeros(0, 0))
-        self.register_buffer("centroids", torch.zeros(experts, dim))
-        self._memo: tuple | None = None
-        self._fused_cache: tuple | None = None
-
-    @property
-    def experts(self) -> int:
-        return self.centroids.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.centroids.shape[1]
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x.reshape(-1, self.in_features).to(self.mean.dtype) - self.mean
-        return centred @ self.projection if self.components else centred
-
-    def _fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W = P C^T and b = ||c||^2 + 2 mean^T W, cached until a buffer changes (e.g. a state-dict load)."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.mean, self.projection, self.centroids))
-        if self._fused_cache is None or self._fused_cache[0] != key:
-            weight = (self.projection @ self.centroids.t()) if self.components else self.centroids.t()
-            weight = weight.contiguous()
-            bias = self.centroids.pow(2).sum(1) + 2 * (self.mean @ weight)
-            self._fused_cache = (key, weight, bias)
-        return self._fused_cache[1], self._fused_cache[2]
-
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest centroid for every token (ties go to the lower index).
-
-        ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2 with z = P^T (x - mean); ||z||^2 does not change the
-        argmin, and z.c = x.(P c) - mean.(P c), so routing is one (tokens x d_in) @ (d_in x k) product:
-        at one token that is a single small matrix-vector product instead of projection and distances.
-        """
-        weight, bias = self._fused()
-        flat = x.reshape(-1, self.in_features).to(weight.dtype)
-        return torch.addmm(bias, flat, weight, alpha=-2).argmin(dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # gate_proj and up_proj share one router and receive the very same input tensor: route once.
-        memo = self._memo
-        if memo is not None and memo[0] is x and memo[1] == x._version:
-            return memo[2]
-        labels = self.assign(x)
-        self._memo = (x, x._version, labels)
-        return labels
-
-    def clear_memo(self) -> None:
-        self._memo = None
-
-    def flops_per_token(self) -> int:
-        """Centring (d), projection (2*d*r), squared distances to k centroids (3*r*k)."""
-        projection = 2 * self.in_features * self.components if self.components else 0
-        return self.in_features + projection + 3 * self.dim * self.experts
 
 
 def pca_components(in_features: int, reduction: int | None) -> int | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch  # loaded first: the kernels' OpenMP calls then bind to the libgomp that torch ships
 
-from ..models.loading import cache_dir
+from ..runtime import cache_dir
 
 log = logging.getLogger(__name__)
 

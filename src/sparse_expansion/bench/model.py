@@ -21,12 +21,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..expansion.costs import ffn_costs
-from ..models import discover, load_model
-from ..models.discovery import is_linear
-from .kernel_bench import read_bandwidth_gbs
-from .sparse_linear import SparseLinear
-from .sparse_model import accelerate
+from ..inference import accelerate
+from ..models import discover, ffn_costs, load_model, weight_bytes_per_token
+from .kernel import read_bandwidth_gbs
 
 
 def _directory_bytes(path: Path | None) -> int | None:
@@ -51,41 +48,6 @@ def _decode_seconds(model, ids: torch.Tensor, steps: int) -> float:
         out = model(input_ids=token, past_key_values=past, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
-
-
-def _tensor_bytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def decode_bytes_per_token(model: torch.nn.Module) -> int:
-    """Weight bytes one decoding step reads: every linear layer once, in the form it runs at one token.
-
-    Expanded layers read one expert (the mean over experts) and their router; embeddings read one row
-    unless they are tied to the output layer, which reads them whole.
-    """
-    total = 0
-    linear_weights = set()
-    for module in model.modules():
-        if isinstance(module, SparseLinear):
-            uses_csr = module.csr.use_sparse(1)
-            total += (module.csr.nbytes if uses_csr else _tensor_bytes(module.weight)) + _tensor_bytes(module.bias)
-        elif getattr(module, "is_expert_linear", False):
-            kernels = module.expert_kernels or [None] * module.experts
-            per_expert = [k.nbytes if k is not None and k.use_sparse(1) else _tensor_bytes(w)
-                          for k, w in zip(kernels, module.weight)]
-            total += sum(per_expert) // len(per_expert) + _tensor_bytes(module.bias)
-        elif is_linear(module):
-            total += _tensor_bytes(module.weight, getattr(module, "bias", None))
-        else:
-            continue
-        linear_weights.add(module.weight.data_ptr())
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            if module.weight.data_ptr() not in linear_weights:
-                total += module.weight.shape[1] * module.weight.element_size()
-        elif not is_linear(module) and next(module.children(), None) is None:  # norms, routers, ...
-            total += _tensor_bytes(*module.parameters(recurse=False), *module.buffers(recurse=False))
-    return total
 
 
 def model_benchmark(model: str, baseline: str | None = None, prompt_tokens: int = 128, new_tokens: int = 32,
@@ -113,7 +75,7 @@ def model_benchmark(model: str, baseline: str | None = None, prompt_tokens: int 
         result[name] = {"prefill_tokens_per_s": prompt_tokens / prefill, "decode_tokens_per_s": new_tokens / decode,
                         "disk_bytes": _directory_bytes(loaded.path), "parameter_bytes": costs["stored_bytes"],
                         "ffn_flops_per_token": costs["ffn_flops_per_token"],
-                        "decode_bytes_per_token": decode_bytes_per_token(loaded.model),
+                        "decode_bytes_per_token": weight_bytes_per_token(loaded.model),
                         "sparse_layers": kernel_reports[name]["layers"],
                         "sparse_experts": kernel_reports[name]["experts"],
                         "kernel_switch": kernel_reports[name]["switch"]}

@@ -1,0 +1,213 @@
+"""One model directory format, one save path and one load path, for dense, pruned and expanded models.
+
+A directory holds:
+- `config.json` (+ `generation_config.json`) and the tokenizer files, as Hugging Face writes them;
+- the weights, in one of two forms:
+  - `hf`: a plain Hugging Face checkpoint (`model.safetensors`, or shards and their index) that any tool
+    reads: only for models whose every layer is the model's own (dense or pruned, `--format dense`);
+  - `state-dict`: one safetensors file of the whole state dict, tied tensors once, written by
+    io/compressed.py: `model.compressed.safetensors` (sparse tensors as bitmask or CSR plus zstd byte
+    planes) or, with `--format dense`, `model.safetensors` with every tensor stored as it is;
+- `manifest.json`: `format` (`sparse-expansion/model`, version), `weights` (form, files and the sha256 of
+  every weight file), `custom_layers` (every layer the toolkit created, by path: its kind and the spec
+  that rebuilds it, layers/protocol.py), and what the job that wrote it recorded (settings, data,
+  measured sparsity per layer under `layers`).
+
+Loading verifies every checksum first: a truncated or altered file is refused with a one-line error that
+names it. Then a `hf` directory loads through `from_pretrained`; a `state-dict` one is built from the
+config with empty weights, its custom layers rebuilt by their kinds, and the state dict assigned strictly,
+so a reload reproduces the logits bit for bit. A directory without a manifest is an ordinary Hugging Face
+directory (loaded as such, nothing to verify).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..layers.protocol import kind_named, kind_of
+from ..runtime import first_line
+from .atomic import atomic_output_dir
+from .compressed import COMPRESSED_WEIGHTS_FILE, load_compressed, resolve_weight_format, save_compressed
+
+FORMAT = "sparse-expansion/model"
+FORMAT_VERSION = 2
+MANIFEST_FILE = "manifest.json"
+STATE_DICT_FILE = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_layers(model: nn.Module) -> dict[str, dict]:
+    """Every module whose kind has a spec of its own (routers, expert layers, ...), by path, in model order."""
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def name_of(module: nn.Module) -> str:
+        return names[id(module)]
+
+    layers = {}
+    for name, module in model.named_modules():
+        kind = kind_of(module)
+        spec = kind.describe(module, name_of) if kind is not None else None
+        if spec is not None:
+            layers[name] = {"kind": kind.name, **spec}
+    return layers
+
+
+def save_model_dir(model: nn.Module, tokenizer, out: str | Path, manifest: dict | None = None,
+                   weight_format: str = "auto", overwrite: bool = False) -> Path:
+    """Write a model directory atomically. `weight_format`: `compressed` (sparse tensors as bitmask/CSR),
+    `dense` (every tensor as it is; a plain Hugging Face checkpoint when the model has no custom layers) or
+    `auto` (compressed whenever that is smaller)."""
+    state = model.state_dict()
+    weight_format = resolve_weight_format(state, weight_format)
+    layers = describe_layers(model)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        if weight_format == "dense" and not layers:
+            form = "hf"
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            form = "state-dict"
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            name = COMPRESSED_WEIGHTS_FILE if weight_format == "compressed" else STATE_DICT_FILE
+            allow = ("dense", "bitmask", "csr") if weight_format == "compressed" else ("dense",)
+            save_compressed(state, tmp / name, metadata={"producer": FORMAT}, allow=allow,
+                            pack=weight_format == "compressed")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = sorted(p.name for p in tmp.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+        data = {**(manifest or {}), "format": FORMAT, "version": FORMAT_VERSION,
+                "weights": {"form": form, "encoding": weight_format,
+                            "bytes": sum((tmp / f).stat().st_size for f in files),
+                            "sha256": {f: file_sha256(tmp / f) for f in files}},
+                "custom_layers": layers}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return Path(out)
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The manifest of a directory this tool wrote, or None for an ordinary Hugging Face directory."""
+    file = path / MANIFEST_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{file} is not valid JSON: {exc}") from None
+    if data.get("format") != FORMAT:
+        if (path / "expansion.json").is_file():
+            raise UsageError(f"{path} was written by an older sparse-expansion (expansion.json); expand it again")
+        return None  # someone else's manifest.json: an ordinary directory
+    if data.get("version") != FORMAT_VERSION:
+        raise UsageError(f"{file}: {FORMAT} version {data.get('version')} is not supported (expected {FORMAT_VERSION})")
+    return data
+
+
+def verify_weights(path: Path, manifest: dict) -> None:
+    """Every weight file listed in the manifest exists and has its recorded sha256."""
+    checksums = manifest.get("weights", {}).get("sha256") or {}
+    if not checksums:
+        raise UsageError(f"{path / MANIFEST_FILE} lists no weight files")
+    for name, expected in checksums.items():
+        file = path / name
+        if not file.is_file():
+            raise UsageError(f"{file} is missing (listed in {MANIFEST_FILE})")
+        if file_sha256(file) != expected:
+            raise UsageError(f"{file} is corrupted or truncated (its sha256 differs from {MANIFEST_FILE})")
+
+
+def _install(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path`, creating ModuleDict containers that the model does not have (routers)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model
+    for part in parent_path.split(".") if parent_path else []:
+        if not hasattr(parent, part):
+            parent.add_module(part, nn.ModuleDict())
+        parent = getattr(parent, part)
+    if isinstance(parent, nn.ModuleDict):
+        parent[name] = module
+    else:
+        setattr(parent, name, module)
+
+
+def rebuild_layers(model: nn.Module, layers: dict[str, dict], dtype: torch.dtype) -> None:
+    """Swap in the custom layers a manifest describes (a layer may refer to another: it is built first)."""
+    built: dict[str, nn.Module] = {}
+
+    def resolve(name: str) -> nn.Module:
+        if name not in built:
+            if name not in layers:
+                return model.get_submodule(name)
+            spec = layers[name]
+            built[name] = kind_named(spec["kind"]).rebuild(spec, resolve, dtype)
+            _install(model, name, built[name])
+        return built[name]
+
+    for name in layers:
+        resolve(name)
+
+
+def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remote_code: bool):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = [f for f in manifest["weights"]["sha256"] if f.endswith(".safetensors")]
+    if len(files) != 1:
+        raise UsageError(f"{path / MANIFEST_FILE}: a state-dict directory has one weight file, found {files}")
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    try:
+        rebuild_layers(model, manifest.get("custom_layers", {}), dtype)
+    except (KeyError, IndexError, AttributeError, TypeError) as exc:
+        raise UsageError(f"{path / MANIFEST_FILE} does not match the model in config.json: {first_line(exc)}") from None
+    state = load_compressed(path / files[0])
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise UsageError(f"{path / files[0]} does not match {MANIFEST_FILE}: {first_line(exc)}") from None
+    if result.unexpected_keys:
+        raise UsageError(f"{path / files[0]} has tensors the model does not: {', '.join(result.unexpected_keys[:3])}")
+    model.tie_weights()
+    missing = [name for name, p in (*model.named_parameters(), *model.named_buffers()) if p.is_meta]
+    if missing:
+        raise UsageError(f"{path / files[0]} lacks tensors of the model: {', '.join(missing[:3])}")
+    return model.to(dtype)
+
+
+def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Load any directory: this tool's (checksums verified, custom layers rebuilt) or a plain Hugging Face
+    one. Returns (model, tokenizer, manifest or None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not a model directory (no config.json)")
+    manifest = read_manifest(path)
+    try:
+        if manifest is not None:
+            verify_weights(path, manifest)
+        if manifest is not None and manifest["weights"]["form"] == "state-dict":
+            model = _state_dict_model(path, manifest, dtype, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                         trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"could not load model directory {path}: {first_line(exc)}") from None
+    model.eval()
+    return model, tokenizer, manifest

@@ -1,0 +1,118 @@
+"""The layer protocol: every kind of layer the toolkit creates declares, in one place,
+
+- how it is saved (`describe`: a small JSON-ready spec, or None when the model's own class rebuilds it) and
+  rebuilt (`rebuild`: an empty module of the right shapes whose tensors the state dict then fills);
+- what one token costs: `flops_per_token` (2 per multiply-add actually computed: non-zero weights only, as an
+  ideal sparse kernel does) and `bytes_per_token` (weight bytes read to process one token);
+- how it switches to a faster kernel (`accelerate`: returns the module to use instead, or the module itself);
+- for linear kinds, its weight as an (out_features, in_features) matrix (or a stack of them).
+
+Discovery, costs, storage, inference and the benchmarks ask the registry (`kind_of`) instead of checking
+types, so a new layer kind is one new module that registers its `LayerKind`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AccelerateContext:
+    """What `LayerKind.accelerate` needs: the mode and the shared switch measurements."""
+
+    mode: str = "auto"  # auto: measured per shape and token count; always: the fast path everywhere; off
+    switches: object = None  # a SwitchCache (layers/switch.py), shared by the layers of one model
+    cpu_kernels: bool = False  # the native CSR kernels are built and loaded
+    report: dict = field(default_factory=dict)
+
+
+class LayerKind:
+    name: str = ""
+    types: tuple[type, ...] = ()
+    linear: bool = False  # a linear map that discovery treats as a linear layer (prunable, costed)
+    router: bool = False  # routing overhead of the FFN (costed with it)
+    priority: int = 0  # kinds with a higher priority are matched first (subclasses before their bases)
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, self.types)
+
+    # -- linear kinds -------------------------------------------------------------------------------------
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """(out_features, in_features), or (experts, out_features, in_features) for expert stacks."""
+        return module.weight
+
+    def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            module.weight.copy_(weight.to(module.weight.dtype))
+
+    # -- storage ------------------------------------------------------------------------------------------
+    def describe(self, module: nn.Module, name_of: Callable[[nn.Module], str]) -> dict | None:
+        """A JSON-ready spec to rebuild the module, or None when the model's own code builds it."""
+        return None
+
+    def rebuild(self, spec: dict, resolve: Callable[[str], nn.Module], dtype: torch.dtype) -> nn.Module:
+        raise NotImplementedError(f"{self.name} layers are built by the model itself")
+
+    # -- costs --------------------------------------------------------------------------------------------
+    def flops_per_token(self, module: nn.Module) -> float:
+        return 0.0
+
+    def bytes_per_token(self, module: nn.Module) -> float:
+        return float(sum(t.numel() * t.element_size() for t in (*module.parameters(recurse=False),
+                                                               *module.buffers(recurse=False))))
+
+    # -- inference ----------------------------------------------------------------------------------------
+    def accelerate(self, module: nn.Module, context: AccelerateContext) -> nn.Module:
+        return module
+
+
+_REGISTRY: dict[str, LayerKind] = {}
+
+
+def register(kind: LayerKind) -> LayerKind:
+    if kind.name in _REGISTRY:
+        raise ValueError(f"layer kind {kind.name!r} registered twice")
+    _REGISTRY[kind.name] = kind
+    return kind
+
+
+def kinds() -> list[LayerKind]:
+    return sorted(_REGISTRY.values(), key=lambda k: -k.priority)
+
+
+def kind_named(name: str) -> LayerKind:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown layer kind {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def kind_of(module: nn.Module) -> LayerKind | None:
+    for kind in kinds():
+        if kind.matches(module):
+            return kind
+    return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    kind = kind_of(module)
+    return kind is not None and kind.linear
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as an (out_features, in_features) tensor (a view where the layer stores it transposed);
+    (experts, out_features, in_features) for an expert stack."""
+    return kind_of(module).weight(module)
+
+
+def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an (out_features, in_features) weight back, in the module's own layout and dtype."""
+    kind_of(module).set_weight(module, weight)
+
+
+def tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

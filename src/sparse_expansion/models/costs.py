@@ -1,0 +1,70 @@
+"""Cost accounting from the layer protocol: FFN FLOPs per token, weight bytes, for any model.
+
+Each layer kind says what one token costs it (layers/protocol.py): linear layers 2 FLOPs per *non-zero*
+weight (what an ideal sparse kernel does), an expert layer the mean over its experts (each token runs one),
+a router the product it computes. `ffn_flops_per_token` is the FFN linears plus the routers of the
+blocks; a test checks it against torch's FlopCounterMode on a one-token forward.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers.protocol import kind_of, linear_weight
+from .discovery import ModelLayout
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Every parameter and buffer at its dtype, zeros included; tied tensors once."""
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def ffn_costs(model: nn.Module, layout: ModelLayout) -> dict:
+    dense = sparse = router = 0.0
+    ffn_params = 0
+    for block in layout.blocks:
+        for lin in layout.select("ffn"):
+            module = block.get_submodule(lin.name)
+            dense += 2 * lin.in_features * lin.out_features
+            sparse += kind_of(module).flops_per_token(module)
+            ffn_params += linear_weight(module).numel()
+        for module in block.modules():
+            kind = kind_of(module)
+            if kind is not None and kind.router:
+                router += kind.flops_per_token(module)
+    return {
+        "ffn_dense_flops_per_token": int(dense),
+        "ffn_flops_per_token": sparse + router,
+        "router_flops_per_token": int(router),
+        "ffn_params_stored": ffn_params,
+        "stored_bytes": stored_bytes(model),
+    }
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Weight bytes one decoding step reads: every layer with a kind once, in the form it runs at one token
+    (an expert layer one expert, a pruned layer its CSR arrays where the kernel runs); embeddings one row
+    unless they are tied to the output layer, which reads them whole; other leaf modules (norms) whole."""
+    total = 0.0
+    counted = set()
+    for module in model.modules():
+        kind = kind_of(module)
+        if kind is None:
+            continue
+        total += kind.bytes_per_token(module)
+        counted.update(id(t) for t in module.parameters(recurse=False))
+        counted.update(id(t) for t in module.buffers(recurse=False))
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if isinstance(module, nn.Embedding):
+            if id(module.weight) not in counted:
+                total += module.weight.shape[1] * module.weight.element_size()
+        elif kind_of(module) is None and next(module.children(), None) is None:
+            total += sum(t.numel() * t.element_size() for t in own if id(t) not in counted)
+    return int(total)

@@ -1,0 +1,50 @@
+"""Small shared facts of the running process: version, cache directory, dtype and device parsing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+__version__ = "0.1.0"
+CACHE_ENV = "SPARSE_EXPANSION_CACHE"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    """User cache directory; `$SPARSE_EXPANSION_CACHE` overrides it."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparse-expansion"
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown --dtype {name!r}; choose one of float32, float16, bfloat16") from None
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    name = str(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} requested but CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; use cpu or cuda") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

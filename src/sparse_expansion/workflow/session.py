@@ -1,0 +1,123 @@
+"""A session: one loaded model with its layout, and the calibration and test windows of one command,
+each tokenized once and shared by every job of the command."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data import Corpus, calibration_windows, evaluation_windows, load_corpus, resolve_bos
+from ..data.windows import BOS_MODES
+from ..errors import UsageError
+from ..models import ModelLayout, discover, load_model
+from ..models.loading import LoadedModel, context_length
+from ..runtime import resolve_device
+
+
+@dataclass
+class RunSettings:
+    """Options shared by every command that reads data."""
+
+    model: str | None = None
+    data: str | None = None
+    calib_samples: int = 128
+    seqlen: int = 2048
+    eval_samples: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    scope: str = "ffn"
+    batch_size: int = 8
+    bos: str = "auto"  # auto: every window starts with BOS when the tokenizer adds one; always; never
+    quiet: bool = False
+    trust_remote_code: bool = False
+
+    def describe(self) -> dict:
+        return {k: getattr(self, k) for k in ("model", "data", "calib_samples", "seqlen", "eval_samples", "seed",
+                                              "device", "dtype", "scope", "bos")}
+
+    def validate(self) -> None:
+        if self.seqlen < 2:
+            raise UsageError("--seqlen must be at least 2")
+        if self.calib_samples < 1:
+            raise UsageError("--calib-samples must be at least 1")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise UsageError("--eval-samples must be at least 1")
+        if self.bos not in BOS_MODES:
+            raise UsageError(f"unknown --bos {self.bos!r}; choose one of {', '.join(BOS_MODES)}")
+        resolve_device(self.device)
+
+
+@dataclass
+class Session:
+    """A loaded model with its layout and the data windows, shared by the steps of one command."""
+
+    settings: RunSettings
+    loaded: LoadedModel
+    layout: ModelLayout
+    corpus: Corpus | None = None
+    calib: torch.Tensor | None = field(default=None, repr=False)  # set to use windows of your own
+    _eval: torch.Tensor | None = field(default=None, repr=False)
+    _bos: int | None | bool = field(default=False, repr=False)  # False: not resolved yet
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The token every window starts with (None: windows are cut from the stream as they fall)."""
+        if self._bos is False:
+            self._bos = resolve_bos(self.tokenizer, self.settings.bos)
+        return self._bos
+
+    def _corpus(self) -> Corpus:
+        if self.corpus is None:
+            self.corpus = load_corpus(self.settings.data)
+        return self.corpus
+
+    def calibration(self) -> torch.Tensor:
+        if self.calib is None:
+            s = self.settings
+            self.calib = calibration_windows(self._corpus(), self.tokenizer, s.calib_samples, s.seqlen, s.seed,
+                                             bos=self.bos_token_id)
+        return self.calib
+
+    def evaluation(self) -> torch.Tensor:
+        if self._eval is None:
+            s = self.settings
+            self._eval = evaluation_windows(self._corpus(), self.tokenizer, s.seqlen, s.eval_samples,
+                                            bos=self.bos_token_id)
+        return self._eval
+
+    def data_summary(self) -> dict | None:
+        """The corpus and the windows used, for reports and manifests."""
+        summary = dict(self.corpus.summary()) if self.corpus else {}
+        summary["bos"] = self.settings.bos
+        summary["bos_token_id"] = None if self._bos is False else self._bos
+        if self.calib is not None:
+            summary["calib_windows"] = int(self.calib.shape[0])
+            summary["calib_tokens"] = int(self.calib.numel())
+        return summary
+
+
+def open_session(settings: RunSettings) -> Session:
+    """Validate cheap options, load the model (on the CPU; blocks visit the device one at a time)."""
+    settings.validate()
+    loaded = load_model(settings.model, dtype=settings.dtype, device="cpu",
+                        trust_remote_code=settings.trust_remote_code, quiet=settings.quiet)
+    return session_for(loaded, settings)
+
+
+def session_for(loaded: LoadedModel, settings: RunSettings) -> Session:
+    """A session around a model already in memory."""
+    settings.validate()
+    limit = context_length(loaded.model)
+    if limit is not None and settings.seqlen > limit:
+        raise UsageError(f"--seqlen {settings.seqlen} is longer than the model's context of {limit} tokens")
+    return Session(settings=settings, loaded=loaded, layout=discover(loaded.model))
