@@ -28,10 +28,12 @@ demo: setup
 
 # The whole suite, including the few tests marked slow that use the embedded model (a few minutes).
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 # Tiny random models only (seconds).
 test-fast: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup

@@ -35,7 +35,7 @@ def test_prune_writes_a_loadable_directory_with_a_manifest(llama_dir, corpus_dir
     assert len(manifest["layers"]) == 2 * 3
     assert all(abs(layer["sparsity"] - 0.5) < 0.01 for layer in manifest["layers"].values())
     assert manifest["perplexity"]["eval_tokens"] == 3 * 32
-    assert manifest["weights"]["format"] == "compressed"
+    assert manifest["weights"]["encoding"] == "compressed" and manifest["weights"]["form"] == "state-dict"
     assert manifest["weights"]["bytes"] < manifest["weights"]["dense_bytes"]
     assert any(p.suffix == ".safetensors" for p in out.iterdir())
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in out.iterdir())

@@ -66,6 +66,12 @@ def describe_layers(model: nn.Module) -> dict[str, dict]:
     return layers
 
 
+def _dense_bytes(state: dict[str, torch.Tensor]) -> int:
+    """The state dict's bytes with every tensor stored as it is (tied tensors once)."""
+    unique = {(t.data_ptr(), t.numel(), t.dtype): t for t in state.values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
 def save_model_dir(model: nn.Module, tokenizer, out: str | Path, manifest: dict | None = None,
                    weight_format: str = "auto", overwrite: bool = False) -> Path:
     """Write a model directory atomically. `weight_format`: `compressed` (sparse tensors as bitmask/CSR),
@@ -93,6 +99,7 @@ def save_model_dir(model: nn.Module, tokenizer, out: str | Path, manifest: dict 
         data = {**(manifest or {}), "format": FORMAT, "version": FORMAT_VERSION,
                 "weights": {"form": form, "encoding": weight_format,
                             "bytes": sum((tmp / f).stat().st_size for f in files),
+                            "dense_bytes": _dense_bytes(state),
                             "sha256": {f: file_sha256(tmp / f) for f in files}},
                 "custom_layers": layers}
         (tmp / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
