@@ -10,6 +10,7 @@ from sparse_expansion.evaluation import perplexity
 import sparse_expansion
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model, fit_router
 from sparse_expansion.expansion import build as build_module
+from sparse_expansion.expansion.fitting import _kmeans_torch
 from sparse_expansion.models import discover
 from sparse_expansion.pruning import METHODS, SparsitySpec, prune_model
 
@@ -52,10 +53,80 @@ def test_pca_projection_is_orthonormal_and_ordered():
     ({"experts": 0}, "at least 1"),
     ({"experts": 700}, "calibration tokens"),
     ({"experts": 2, "reduction": 64}, "leaves no PCA dimensions"),
+    ({"experts": 2, "init": "kmeans"}, "unknown k-means init 'kmeans'"),
+    ({"experts": 2, "max_iter": 0}, "max_iter must be at least 1"),
+    ({"experts": 2, "restarts": 0}, "restarts must be at least 1"),
+    ({"experts": 2, "tol": -1.0}, "tol must be at least 0"),
 ])
 def test_router_bad_input(kwargs, message):
     with pytest.raises(UsageError, match=message):
         fit_router(clustered_tokens(), **kwargs)
+
+
+def exact_sq_distances(z, centres):
+    """Squared distances computed difference by difference (no matrix-product shortcut)."""
+    return torch.cdist(z, centres, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+
+
+def inertia_of(router, x):
+    return exact_sq_distances(router.project(x), router.centroids).min(1).values.sum().item()
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+@pytest.mark.parametrize("data", ["clustered", "gaussian"])
+def test_kmeans_labels_are_the_nearest_fitted_centroids(init, data):
+    if data == "clustered":
+        z = clustered_tokens(n=2000, d=16, centres=8, seed=4)
+    else:
+        z = torch.randn(2000, 8, generator=torch.Generator().manual_seed(4))
+    centres, labels, inertia = _kmeans_torch(z, 6, restarts=2, seed=0, init=init)
+    distances = exact_sq_distances(z, centres)
+    assert torch.equal(labels, distances.argmin(1))
+    assert inertia == pytest.approx(distances.min(1).values.sum().item(), rel=1e-4)
+    # Lloyd converged: every centre is the mean of its tokens.
+    for e in range(6):
+        assert torch.allclose(centres[e], z[labels == e].mean(0), atol=1e-3)
+
+
+@pytest.mark.parametrize("experts, reduction", [(12, None), (12, 4), (6, None)])
+def test_torch_kmeans_inertia_matches_scikit_learn(experts, reduction):
+    x = clustered_tokens(n=3000, d=16, centres=12, seed=7)
+    ours = fit_router(x, experts, reduction, restarts=4, seed=0)
+    reference = fit_router(x, experts, reduction, restarts=4, seed=0, backend="sklearn")
+    assert inertia_of(ours, x) <= 1.02 * inertia_of(reference, x)
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_same_seed_gives_identical_centroids(init):
+    x = clustered_tokens(n=1000, d=16, centres=8)
+    a, b = (fit_router(x, 8, 4, restarts=3, seed=5, init=init) for _ in range(2))
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.projection, b.projection)
+
+
+def test_random_init_and_few_iterations_still_cluster():
+    x = clustered_tokens(n=1500, d=16, centres=5, seed=2)
+    reference = inertia_of(fit_router(x, 5, None, restarts=4, seed=0, backend="sklearn"), x)
+    random_init = fit_router(x, 5, None, restarts=8, seed=0, init="random")
+    assert inertia_of(random_init, x) <= 1.02 * reference
+    one_step = fit_router(x, 5, None, seed=0, max_iter=1)
+    assert inertia_of(one_step, x) < exact_sq_distances(x, x.mean(0, keepdim=True)).sum().item()
+
+
+def test_kmeans_with_fewer_distinct_tokens_than_clusters():
+    # Seeding runs out of distinct tokens and Lloyd keeps re-seeding empty clusters; both must stay finite.
+    z = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]).repeat(20, 1)
+    centres, labels, inertia = _kmeans_torch(z, 5, restarts=2, seed=0, max_iter=20)
+    assert torch.isfinite(centres).all() and inertia == pytest.approx(0.0, abs=1e-6)
+    assert torch.equal(labels, exact_sq_distances(z, centres).argmin(1))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("kmeans_iterations", 0, "--kmeans-iterations must be at least 1"),
+    ("kmeans_init", "farthest", "unknown --kmeans-init .farthest."),
+])
+def test_router_settings_are_validated(field, value, message):
+    with pytest.raises(UsageError, match=message):
+        ExpansionConfig(**{field: value}).validate()
 
 
 def test_expert_linear_routes_each_token_to_one_expert():

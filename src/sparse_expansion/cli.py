@@ -70,6 +70,10 @@ def _add_expansion_options(parser: argparse.ArgumentParser, multi_experts: bool 
     group.add_argument("--no-pca", action="store_true", help="cluster the raw inputs instead of their PCA projection")
     group.add_argument("--kmeans-restarts", type=int, default=1,
                        help="k-means++ restarts, lowest inertia kept (default 1, as scikit-learn)")
+    group.add_argument("--kmeans-iterations", type=int, default=300,
+                       help="Lloyd iterations at most, per restart (default 300)")
+    group.add_argument("--kmeans-init", choices=("k-means++", "random"), default="k-means++",
+                       help="k-means seeding (default k-means++)")
     group.add_argument("--router-backend", choices=("torch", "sklearn"), default="torch",
                        help="library that fits PCA and k-means (default torch; see docs/BENCHMARKS.md)")
     group.add_argument("--min-cluster-tokens", type=int, default=32,
@@ -197,7 +201,8 @@ def _expansion(args, experts: int):
     if args.min_cluster_tokens < 1:
         raise UsageError("--min-cluster-tokens must be at least 1")
     config = ExpansionConfig(experts=experts, pca_reduction=None if args.no_pca else args.pca_reduction,
-                             kmeans_restarts=args.kmeans_restarts, seed=args.seed, backend=args.router_backend,
+                             kmeans_restarts=args.kmeans_restarts, kmeans_iterations=args.kmeans_iterations,
+                             kmeans_init=args.kmeans_init, seed=args.seed, backend=args.router_backend,
                              min_cluster_tokens=args.min_cluster_tokens, method=args.expert_method)
     config.validate()
     return config

@@ -31,7 +31,7 @@ from ..models.discovery import ModelLayout, linear_weight
 from ..pruning.masks import check_nm_shape
 from ..pruning.methods import PruneOptions, PruningMethod, get_method
 from ..pruning.spec import SparsitySpec
-from .fitting import fit_router, pca_components
+from .fitting import INITS, fit_router, pca_components
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class ExpansionConfig:
     experts: int = 16
     pca_reduction: int | None = 32  # None: cluster the raw inputs (--no-pca)
     kmeans_restarts: int = 1
+    kmeans_iterations: int = 300  # Lloyd iterations at most, per restart
+    kmeans_init: str = "k-means++"  # or "random": k distinct random tokens
     seed: int = 0
     backend: str = "torch"
     min_cluster_tokens: int = 32
@@ -51,6 +53,10 @@ class ExpansionConfig:
             raise UsageError(f"--pca-reduction must be at least 1, got {self.pca_reduction}")
         if self.kmeans_restarts < 1:
             raise UsageError(f"--kmeans-restarts must be at least 1, got {self.kmeans_restarts}")
+        if self.kmeans_iterations < 1:
+            raise UsageError(f"--kmeans-iterations must be at least 1, got {self.kmeans_iterations}")
+        if self.kmeans_init not in INITS:
+            raise UsageError(f"unknown --kmeans-init {self.kmeans_init!r}; choose one of {', '.join(INITS)}")
         if get_method(self.method).statistic is None:
             raise UsageError(f"--expert-method {self.method} uses no calibration data, so every expert would be "
                              "the same; choose a method that does (wanda, sparsegpt)")
@@ -82,7 +88,8 @@ class ExpansionReport:
                 "bits": options.bits, "blocksize": options.blocksize, "percdamp": options.percdamp,
                 "seconds": self.seconds, "overall_sparsity": self.overall_sparsity(),
                 "experts": config.experts, "expert_method": config.method, "pca_reduction": config.pca_reduction,
-                "kmeans_restarts": config.kmeans_restarts, "router_backend": config.backend,
+                "kmeans_restarts": config.kmeans_restarts, "kmeans_iterations": config.kmeans_iterations,
+                "kmeans_init": config.kmeans_init, "router_backend": config.backend,
                 "min_cluster_tokens": config.min_cluster_tokens, "router_seconds": self.router_seconds,
                 "fallback_experts": self.fallbacks(), "routers": self.routers, "layers": self.layers}
 
@@ -126,7 +133,8 @@ class ExpandStep(Step):
             batches = statistics[group].batches
             start = time.perf_counter()
             router = fit_router(torch.cat(batches), config.experts, config.pca_reduction, config.kmeans_restarts,
-                                config.seed, config.backend).to(self.device)
+                                config.seed, config.backend, max_iter=config.kmeans_iterations,
+                                init=config.kmeans_init).to(self.device)
             report.router_seconds += time.perf_counter() - start
             clusters = _cluster_statistics(batches, router, self.method.statistic, self.device)
             batches.clear()

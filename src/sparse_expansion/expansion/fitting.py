@@ -1,7 +1,8 @@
 """Fitting routers (layers/router.py): PCA projection + k-means, on one layer's calibration inputs.
 
-Fitting uses either torch (default) or scikit-learn (`backend="sklearn"`); benchmarks/bench_router.py
-measures both on the sizes that matter. Routing at inference is always torch, on the model's device.
+Fitting uses either torch (default; on the tokens' device, reading one number back per Lloyd
+iteration) or scikit-learn (`backend="sklearn"`, on the CPU); benchmarks/bench_router.py measures both
+on the sizes that matter.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ def pca_components(in_features: int, reduction: int | None) -> int | None:
 
 POWER_ITERATIONS = 4
 OVERSAMPLING = 10
+INITS = ("k-means++", "random")
 
 
 def _pca_torch(x: torch.Tensor, components: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and top principal directions (d_in x components), largest variance first.
+    """Mean and top principal directions (d_in x components), largest variance first, on `x.device`.
 
     Randomized range finding (Halko, Martinsson & Tropp 2011) with a seeded sketch and a few power
     iterations; when the sketch would be nearly as wide as the data, the exact eigendecomposition
-    of the covariance is cheaper and is used instead.
+    of the covariance is cheaper and is used instead. The sketch is drawn on the CPU (so a seed gives
+    the same sketch on every device) and then moved to the data.
     """
     mean = x.mean(0)
     centred = x - mean
@@ -50,7 +53,8 @@ def _pca_torch(x: torch.Tensor, components: int, seed: int = 0) -> tuple[torch.T
         top = vectors[:, -components:].flip(1).float()
     else:
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        basis = torch.linalg.qr(centred @ torch.randn(d, rank, generator=generator)).Q
+        sketch = torch.randn(d, rank, generator=generator).to(centred.device)
+        basis = torch.linalg.qr(centred @ sketch).Q
         for _ in range(POWER_ITERATIONS):
             basis = torch.linalg.qr(centred.t() @ basis).Q
             basis = torch.linalg.qr(centred @ basis).Q
@@ -62,71 +66,128 @@ def _pca_torch(x: torch.Tensor, components: int, seed: int = 0) -> tuple[torch.T
     return mean, top * signs
 
 
-def _kmeans_plus_plus(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ seeding (2 + log k candidates per step), as scikit-learn does."""
+def _sq_distances(z: torch.Tensor, z_sq: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """||z - c||^2 for every token and centre (tokens x k): ||z||^2 - 2 z.c + ||c||^2, one addmm."""
+    dist = torch.addmm(z_sq.unsqueeze(1), z, centres.t(), alpha=-2).add_(centres.pow(2).sum(1))
+    return dist.clamp_(min=0)  # rounding can push a distance of zero slightly below it
+
+
+def _uniforms(count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """`count` uniforms in [0, 1), drawn in float64 on the CPU generator and moved to `device`."""
+    return torch.rand(count, generator=generator, dtype=torch.float64).to(device)
+
+
+def _kmeans_plus_plus(z: torch.Tensor, z_sq: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (2 + log k candidates per step), as scikit-learn does.
+
+    Candidates are drawn with probability proportional to the squared distance to the nearest chosen
+    centre by inverting the cumulative sum at uniforms from the CPU generator: nothing is read back to
+    the host, so seeding on a GPU never waits for it.
+    """
     n = z.shape[0]
     trials = 2 + int(math.log(k))
-    centres = [z[torch.randint(n, (1,), generator=generator).item()]]
-    closest = (z - centres[0]).pow(2).sum(1)
-    for _ in range(1, k):
-        total = closest.sum()
-        if total <= 0:
-            candidates = torch.randint(n, (trials,), generator=generator)
-        else:
-            candidates = torch.multinomial(closest / total, trials, replacement=True, generator=generator)
-        dist = torch.cdist(z[candidates], z).pow(2)  # trials x n
+    first = int(torch.randint(n, (1,), generator=generator))
+    centres = z.new_empty(k, z.shape[1])
+    centres[0] = z[first]
+    closest = _sq_distances(z, z_sq, centres[:1]).squeeze(1)
+    for step in range(1, k):
+        u = _uniforms(trials, generator, z.device)
+        cumulative = closest.double().cumsum(0)
+        total = cumulative[-1]
+        weighted = torch.searchsorted(cumulative, u * total, right=True).clamp_(max=n - 1)
+        # All tokens already sit on a centre (total 0): any token is as good as another.
+        candidates = torch.where(total > 0, weighted, (u * n).long().clamp_(max=n - 1))
+        dist = _sq_distances(z, z_sq, z[candidates]).t()  # trials x n
         potentials = torch.minimum(closest.unsqueeze(0), dist).sum(1)
-        best = potentials.argmin()
-        closest = torch.minimum(closest, dist[best])
-        centres.append(z[candidates[best]])
-    return torch.stack(centres)
+        best = potentials.argmin(0, keepdim=True)  # a 1-element tensor: indexing with it needs no host read
+        closest = torch.minimum(closest, dist[best].squeeze(0))
+        centres[step] = z[candidates[best]].squeeze(0)
+    return centres
 
 
-def _lloyd(z: torch.Tensor, centres: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, float]:
-    variance_scale = z.var(0).mean().item() * tol
+def _random_init(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k distinct tokens, chosen uniformly at random."""
+    return z[torch.randperm(z.shape[0], generator=generator)[:k].to(z.device)].clone()
+
+
+def _lloyd(z: torch.Tensor, z_sq: torch.Tensor, centres: torch.Tensor, max_iter: int,
+           threshold: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Lloyd iterations until the centres move less than `threshold` (squared, summed) or `max_iter`.
+
+    Returns the centres, every token's nearest centre and the inertia, both for the returned centres.
+    One value is read back per iteration (the shift, with the number of empty clusters).
+    """
+    k = centres.shape[0]
+    ones = z.new_ones(z.shape[0])
     for _ in range(max_iter):
-        labels = torch.cdist(z, centres).argmin(1)
+        nearest, labels = torch.addmm(centres.pow(2).sum(1), z, centres.t(), alpha=-2).min(1)
         sums = torch.zeros_like(centres).index_add_(0, labels, z)
-        counts = torch.bincount(labels, minlength=centres.shape[0]).to(z.dtype)
+        counts = z.new_zeros(k).index_add_(0, labels, ones)
         new = sums / counts.clamp(min=1).unsqueeze(1)
         empty = counts == 0
-        if empty.any():
-            # Re-seed an empty cluster at the token farthest from its centre.
-            far = torch.cdist(z, centres).min(1).values.topk(int(empty.sum())).indices
+        shift, empties = torch.stack([(new - centres).pow(2).sum(), empty.sum().to(z.dtype)]).tolist()
+        if empties:
+            # Re-seed each empty cluster at one of the tokens farthest from their centres; such a step
+            # does not count as convergence.
+            far = (nearest + z_sq).topk(int(empties)).indices
             new[empty] = z[far]
-        shift = (new - centres).pow(2).sum().item()
+            centres = new
+            continue
         centres = new
-        if shift <= variance_scale:
+        if shift <= threshold:
             break
-    inertia = torch.cdist(z, centres).min(1).values.pow(2).sum().item()
-    return centres, inertia
+    dist = _sq_distances(z, z_sq, centres)
+    nearest, labels = dist.min(1)
+    return centres, labels, nearest.sum().item()
 
 
-def _kmeans_torch(z: torch.Tensor, k: int, restarts: int, seed: int, max_iter: int = 300,
-                  tol: float = 1e-4) -> torch.Tensor:
+def _kmeans_torch(z: torch.Tensor, k: int, restarts: int, seed: int, max_iter: int = 300, tol: float = 1e-4,
+                  init: str = "k-means++") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best of `restarts` k-means fits of `z` (tokens x dim, fp32) on its own device.
+
+    Returns the centres, every token's nearest centre and the inertia (sum of squared distances).
+    Random numbers come from a CPU generator seeded with `seed`: a seed gives the same fit every time.
+    """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    best, best_inertia = None, float("inf")
+    z_sq = z.pow(2).sum(1)
+    threshold = z.var(0).mean().item() * tol  # as scikit-learn: tol relative to the mean variance
+    best = None
     for _ in range(restarts):
-        centres, inertia = _lloyd(z, _kmeans_plus_plus(z, k, generator), max_iter, tol)
-        if inertia < best_inertia:
-            best, best_inertia = centres, inertia
+        start = _kmeans_plus_plus(z, z_sq, k, generator) if init == "k-means++" else _random_init(z, k, generator)
+        fit = _lloyd(z, z_sq, start, max_iter, threshold)
+        if best is None or fit[2] < best[2]:
+            best = fit
     return best
 
 
 def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restarts: int = 1, seed: int = 0,
-               backend: str = "torch") -> Router:
-    """Fit PCA (optional) and k-means on calibration tokens `x` (n_tokens x d_in), on the CPU in fp32."""
+               backend: str = "torch", max_iter: int = 300, tol: float = 1e-4, init: str = "k-means++") -> Router:
+    """Fit PCA (optional) and k-means on calibration tokens `x` (n_tokens x d_in), in fp32.
+
+    The torch backend fits on `x.device` (a GPU when the block runs there) and the Router's buffers
+    live there; scikit-learn fits on the CPU and its Router is moved to `x.device`. `max_iter` Lloyd
+    iterations at most, stopping once the centres move less than `tol` times the data's mean variance;
+    `init` seeds each of the `restarts` runs with k-means++ or with k distinct random tokens.
+    """
     if experts < 1:
         raise UsageError(f"--experts must be at least 1, got {experts}")
     if backend not in BACKENDS:
         raise UsageError(f"unknown router backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    x = x.reshape(-1, x.shape[-1]).detach().to("cpu", torch.float32)
+    if restarts < 1:
+        raise UsageError(f"k-means restarts must be at least 1, got {restarts}")
+    if max_iter < 1:
+        raise UsageError(f"k-means max_iter must be at least 1, got {max_iter}")
+    if not tol >= 0:
+        raise UsageError(f"k-means tol must be at least 0, got {tol}")
+    if init not in INITS:
+        raise UsageError(f"unknown k-means init {init!r}; choose one of {', '.join(INITS)}")
+    x = x.reshape(-1, x.shape[-1]).detach().to(torch.float32)
     if x.shape[0] < experts:
         raise UsageError(f"{experts} experts but only {x.shape[0]} calibration tokens; use fewer experts "
                          "or more calibration data")
     in_features = x.shape[1]
     components = pca_components(in_features, reduction)
-    router = Router(in_features, components, experts)
+    router = Router(in_features, components, experts).to(x.device)
     if experts == 1:
         router.mean.copy_(x.mean(0))
         if components:
@@ -136,7 +197,7 @@ def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restar
         from sklearn.cluster import KMeans
         from sklearn.decomposition import PCA
 
-        data = x.numpy()
+        data = x.cpu().numpy()
         if components:
             pca = PCA(n_components=components, random_state=seed).fit(data)
             router.mean.copy_(torch.from_numpy(pca.mean_))
@@ -144,8 +205,9 @@ def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restar
             z = pca.transform(data)
         else:
             router.mean.copy_(x.mean(0))
-            z = (x - router.mean).numpy()
-        kmeans = KMeans(n_clusters=experts, n_init=restarts, random_state=seed).fit(z)
+            z = (x - router.mean).cpu().numpy()
+        kmeans = KMeans(n_clusters=experts, n_init=restarts, random_state=seed, max_iter=max_iter, tol=tol,
+                        init=init).fit(z)
         router.centroids.copy_(torch.from_numpy(kmeans.cluster_centers_))
         return router
     if components:
@@ -154,5 +216,6 @@ def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restar
         router.projection.copy_(projection)
     else:
         router.mean.copy_(x.mean(0))
-    router.centroids.copy_(_kmeans_torch(router.project(x), experts, restarts, seed))
+    centres, _, _ = _kmeans_torch(router.project(x), experts, restarts, seed, max_iter, tol, init)
+    router.centroids.copy_(centres)
     return router
