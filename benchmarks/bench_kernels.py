@@ -23,7 +23,7 @@ def describe(result: dict) -> str:
 
 
 def main() -> None:
-    from sparse_expansion.inference.kernel_bench import kernel_benchmark
+    from sparse_expansion.bench.kernel import kernel_benchmark
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-sparsities", default="0,0.1,0.3,0.5,0.7,0.8,0.9,0.95")

@@ -23,31 +23,25 @@ from common import write_results
 
 def real_inputs(max_tokens: int, seqlen: int = 256):
     """FFN input and intermediate activations of block 10 of the embedded model."""
-    from sparse_expansion.calibration import SequentialCalibration
+    from sparse_expansion.calibration import SequentialCalibration, Step, TokenRecorder, Watch
     from sparse_expansion.workflow import RunSettings, open_session
 
     session = open_session(RunSettings(calib_samples=max_tokens // seqlen, seqlen=seqlen, quiet=True))
-    layout = session.layout
-    recorded = {"in": [], "out": []}
     block_index = 10
 
-    def process(index, block, feed):
-        if index != block_index:
-            return
-        handles = [block.mlp.gate_proj.register_forward_hook(lambda m, a, o: recorded["in"].append(a[0].flatten(0, 1))),
-                   block.mlp.down_proj.register_forward_hook(lambda m, a, o: recorded["out"].append(a[0].flatten(0, 1)))]
-        feed()
-        for handle in handles:
-            handle.remove()
+    class Record(Step):
+        modifies = False  # observe-only: one pass per block
 
-    # Walk only up to the block we need.
-    blocks = layout.blocks
-    layout.blocks = blocks[: block_index + 1]
-    try:
-        SequentialCalibration(session.model, layout, progress=False).run(session.calibration(), process)
-    finally:
-        layout.blocks = blocks
-    return torch.cat(recorded["in"]), torch.cat(recorded["out"])
+        def observe(self, index, block):
+            if index != block_index:
+                return {}
+            return {"in": Watch("mlp.gate_proj", TokenRecorder()), "out": Watch("mlp.down_proj", TokenRecorder())}
+
+    recorded = {}
+    engine = SequentialCalibration(session.model, session.layout, progress=False)
+    engine.run(session.calibration(), Record(), stop_after=block_index,  # walk only up to the block we need
+               after_block=lambda index, block, hidden, stats: recorded.update(stats))
+    return recorded["in"].all(), recorded["out"].all()
 
 
 def inertia(router, x):
@@ -56,7 +50,7 @@ def inertia(router, x):
 
 
 def main() -> None:
-    from sparse_expansion.expansion.router import fit_router
+    from sparse_expansion.expansion.fitting import fit_router
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="8192,32768,131072")

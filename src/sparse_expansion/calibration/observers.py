@@ -10,12 +10,40 @@ from __future__ import annotations
 import torch
 
 
-class InputSquaredNorm:
+class _RunningMean:
+    """A mean over tokens, kept in the tensor attribute named by FIELD, with the number of tokens seen."""
+
+    FIELD = ""
+    tokens: int | list[int]
+
+    def merge(self, other: "_RunningMean") -> "_RunningMean":
+        mine, theirs = getattr(self, self.FIELD), getattr(other, self.FIELD)
+        total = self.tokens + other.tokens
+        if total:
+            mine.mul_(self.tokens / total).add_(theirs.to(mine.device), alpha=other.tokens / total)
+        self.tokens = total
+        self.derived.clear()
+        return self
+
+    @classmethod
+    def stack(cls, statistics: list) -> "_RunningMean":
+        """Several statistics as one batched statistic (one leading index each), e.g. one per expert."""
+        stacked = cls.__new__(cls)
+        setattr(stacked, cls.FIELD, torch.stack([getattr(s, cls.FIELD) for s in statistics]))
+        stacked.tokens = [s.tokens for s in statistics]
+        stacked.derived = {}
+        return stacked
+
+
+class InputSquaredNorm(_RunningMean):
     """Mean over tokens of x_j^2 for each input feature j (Wanda's ||X_j||^2 up to a constant)."""
+
+    FIELD = "mean_sq"
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.mean_sq = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.derived: dict = {}
 
     def update(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).to(self.mean_sq.device, torch.float32)
@@ -23,29 +51,15 @@ class InputSquaredNorm:
         self.mean_sq.mul_(self.tokens / total).add_(x.pow(2).sum(0), alpha=1.0 / total)
         self.tokens = total
 
-    def merge(self, other: "InputSquaredNorm") -> "InputSquaredNorm":
-        total = self.tokens + other.tokens
-        if total:
-            self.mean_sq.mul_(self.tokens / total).add_(other.mean_sq.to(self.mean_sq.device),
-                                                        alpha=other.tokens / total)
-        self.tokens = total
-        return self
 
-    @classmethod
-    def stack(cls, statistics: list["InputSquaredNorm"]) -> "InputSquaredNorm":
-        """Several statistics as one batched statistic (one row each), e.g. one per expert."""
-        stacked = cls.__new__(cls)
-        stacked.mean_sq = torch.stack([s.mean_sq for s in statistics])
-        stacked.tokens = [s.tokens for s in statistics]
-        return stacked
-
-
-class Hessian:
+class Hessian(_RunningMean):
     """H = (2/n) * sum_t x_t x_t^T over the n calibration tokens (the layer-wise OBS Hessian).
 
     `derived` is a cache for what algorithms compute from the matrix (SparseGPT's factorization), so layers
     that read the same input (gate and up) share it; updates and merges clear it.
     """
+
+    FIELD = "matrix"
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
@@ -60,24 +74,6 @@ class Hessian:
         self.matrix.addmm_(x.t(), x)
         self.tokens = total
         self.derived.clear()
-
-    def merge(self, other: "Hessian") -> "Hessian":
-        total = self.tokens + other.tokens
-        if total:
-            self.matrix.mul_(self.tokens / total).add_(other.matrix.to(self.matrix.device),
-                                                       alpha=other.tokens / total)
-        self.tokens = total
-        self.derived.clear()
-        return self
-
-    @classmethod
-    def stack(cls, statistics: list["Hessian"]) -> "Hessian":
-        """Several Hessians as one batched statistic (E, d, d), e.g. one per expert."""
-        stacked = cls.__new__(cls)
-        stacked.matrix = torch.stack([s.matrix for s in statistics])
-        stacked.tokens = [s.tokens for s in statistics]
-        stacked.derived = {}
-        return stacked
 
 
 class TokenRecorder:

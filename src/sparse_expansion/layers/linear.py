@@ -58,5 +58,15 @@ class Conv1DKind(LinearKind):
         return module  # no sparse kernel for the transposed layout (stays dense)
 
 
+class AcceleratedLinearKind(LinearKind):
+    """A linear layer already switched to a faster form (a subclass of nn.Linear that keeps its dense weight):
+    saved and costed as the linear layer it is; subclasses say what one token reads."""
+
+    priority = 10
+
+    def accelerate(self, module: nn.Module, context: AccelerateContext) -> nn.Module:
+        return module
+
+
 register(LinearKind())
 register(Conv1DKind())

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import LinearKind, nonzero_flops
-from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
+from .linear import AcceleratedLinearKind, LinearKind
+from .protocol import AccelerateContext, register, tensor_bytes
 from .switch import ALWAYS, Switched
 
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
@@ -93,14 +93,9 @@ def to_semi_structured(module: nn.Linear, context: AccelerateContext) -> SemiStr
     return layer if layer.fast_sizes() else None
 
 
-class SemiStructuredKind(LayerKind):
+class SemiStructuredKind(AcceleratedLinearKind):
     name = "semi_structured_linear"
     types = (SemiStructuredLinear,)
-    linear = True
-    priority = 10
-
-    def flops_per_token(self, module: SemiStructuredLinear) -> float:
-        return nonzero_flops(module.weight)
 
     def bytes_per_token(self, module: SemiStructuredLinear) -> float:
         if module.use_fast(1):

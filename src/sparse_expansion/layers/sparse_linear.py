@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import native
-from .linear import LinearKind, nonzero_flops
-from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
+from .linear import AcceleratedLinearKind, LinearKind
+from .protocol import AccelerateContext, register, tensor_bytes
 from .switch import ALWAYS, SWITCH_BATCH_SIZES, SwitchCache, Switched
 
 MIN_SPARSITY = 0.2  # below this a CSR product cannot beat dense (bench --kernel: 1.0x at 30%)
@@ -145,14 +145,9 @@ def to_sparse_linear(module: nn.Linear, context: AccelerateContext) -> SparseLin
     return SparseLinear(module, prepare_csr(module.weight, context))
 
 
-class SparseLinearKind(LayerKind):
+class SparseLinearKind(AcceleratedLinearKind):
     name = "sparse_linear"
     types = (SparseLinear,)
-    linear = True
-    priority = 10
-
-    def flops_per_token(self, module: SparseLinear) -> float:
-        return nonzero_flops(module.weight)
 
     def bytes_per_token(self, module: SparseLinear) -> float:
         return float(module.csr.bytes_at_one_token(module.weight) + tensor_bytes(module.bias))
