@@ -66,43 +66,30 @@ def _pca_torch(x: torch.Tensor, components: int, seed: int = 0) -> tuple[torch.T
     return mean, top * signs
 
 
-def _sq_distances(z: torch.Tensor, z_sq: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """||z - c||^2 for every token and centre (tokens x k): ||z||^2 - 2 z.c + ||c||^2, one addmm."""
-    dist = torch.addmm(z_sq.unsqueeze(1), z, centres.t(), alpha=-2).add_(centres.pow(2).sum(1))
-    return dist.clamp_(min=0)  # rounding can push a distance of zero slightly below it
-
-
-def _uniforms(count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """`count` uniforms in [0, 1), drawn in float64 on the CPU generator and moved to `device`."""
-    return torch.rand(count, generator=generator, dtype=torch.float64).to(device)
-
-
-def _kmeans_plus_plus(z: torch.Tensor, z_sq: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def _kmeans_plus_plus(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Greedy k-means++ seeding (2 + log k candidates per step), as scikit-learn does.
 
-    Candidates are drawn with probability proportional to the squared distance to the nearest chosen
-    centre by inverting the cumulative sum at uniforms from the CPU generator: nothing is read back to
-    the host, so seeding on a GPU never waits for it.
+    Runs on z's device; the draws come from the CPU generator (the n probabilities visit the host once per
+    step), so a seed gives the same centres on every device.
     """
     n = z.shape[0]
     trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=generator))
-    centres = z.new_empty(k, z.shape[1])
-    centres[0] = z[first]
-    closest = _sq_distances(z, z_sq, centres[:1]).squeeze(1)
-    for step in range(1, k):
-        u = _uniforms(trials, generator, z.device)
-        cumulative = closest.double().cumsum(0)
-        total = cumulative[-1]
-        weighted = torch.searchsorted(cumulative, u * total, right=True).clamp_(max=n - 1)
-        # All tokens already sit on a centre (total 0): any token is as good as another.
-        candidates = torch.where(total > 0, weighted, (u * n).long().clamp_(max=n - 1))
-        dist = _sq_distances(z, z_sq, z[candidates]).t()  # trials x n
+    centres = [z[torch.randint(n, (1,), generator=generator).item()]]
+    closest = (z - centres[0]).pow(2).sum(1)
+    for _ in range(1, k):
+        weights = closest.cpu()
+        total = weights.sum()
+        if total <= 0:  # every token already sits on a centre: any token is as good as another
+            candidates = torch.randint(n, (trials,), generator=generator)
+        else:
+            candidates = torch.multinomial(weights / total, trials, replacement=True, generator=generator)
+        candidates = candidates.to(z.device)
+        dist = torch.cdist(z[candidates], z).pow(2)  # trials x n: small, on the device
         potentials = torch.minimum(closest.unsqueeze(0), dist).sum(1)
-        best = potentials.argmin(0, keepdim=True)  # a 1-element tensor: indexing with it needs no host read
-        closest = torch.minimum(closest, dist[best].squeeze(0))
-        centres[step] = z[candidates[best]].squeeze(0)
-    return centres
+        best = potentials.argmin()
+        closest = torch.minimum(closest, dist[best])
+        centres.append(z[candidates[best]])
+    return torch.stack(centres)
 
 
 def _random_init(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -110,51 +97,43 @@ def _random_init(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.T
     return z[torch.randperm(z.shape[0], generator=generator)[:k].to(z.device)].clone()
 
 
-def _lloyd(z: torch.Tensor, z_sq: torch.Tensor, centres: torch.Tensor, max_iter: int,
-           threshold: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _lloyd(z: torch.Tensor, centres: torch.Tensor, max_iter: int, threshold: float
+           ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Lloyd iterations until the centres move less than `threshold` (squared, summed) or `max_iter`.
-
-    Returns the centres, every token's nearest centre and the inertia, both for the returned centres.
-    One value is read back per iteration (the shift, with the number of empty clusters).
-    """
-    k = centres.shape[0]
-    ones = z.new_ones(z.shape[0])
+    Returns the centres, every token's nearest centre and the inertia. One number is read back per
+    iteration (the shift)."""
     for _ in range(max_iter):
-        nearest, labels = torch.addmm(centres.pow(2).sum(1), z, centres.t(), alpha=-2).min(1)
+        labels = torch.cdist(z, centres).argmin(1)
         sums = torch.zeros_like(centres).index_add_(0, labels, z)
-        counts = z.new_zeros(k).index_add_(0, labels, ones)
+        counts = torch.bincount(labels, minlength=centres.shape[0]).to(z.dtype)
         new = sums / counts.clamp(min=1).unsqueeze(1)
         empty = counts == 0
-        shift, empties = torch.stack([(new - centres).pow(2).sum(), empty.sum().to(z.dtype)]).tolist()
-        if empties:
-            # Re-seed each empty cluster at one of the tokens farthest from their centres; such a step
-            # does not count as convergence.
-            far = (nearest + z_sq).topk(int(empties)).indices
+        if empty.any():
+            # Re-seed an empty cluster at the token farthest from its centre.
+            far = torch.cdist(z, centres).min(1).values.topk(int(empty.sum())).indices
             new[empty] = z[far]
-            centres = new
-            continue
+        shift = (new - centres).pow(2).sum().item()
         centres = new
         if shift <= threshold:
             break
-    dist = _sq_distances(z, z_sq, centres)
-    nearest, labels = dist.min(1)
-    return centres, labels, nearest.sum().item()
+    nearest, labels = torch.cdist(z, centres).min(1)
+    return centres, labels, nearest.pow(2).sum().item()
 
 
 def _kmeans_torch(z: torch.Tensor, k: int, restarts: int, seed: int, max_iter: int = 300, tol: float = 1e-4,
                   init: str = "k-means++") -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best of `restarts` k-means fits of `z` (tokens x dim, fp32) on its own device.
 
-    Returns the centres, every token's nearest centre and the inertia (sum of squared distances).
-    Random numbers come from a CPU generator seeded with `seed`: a seed gives the same fit every time.
+    Distances are `torch.cdist` on that device (on a GPU it never visits the host); random numbers come
+    from a CPU generator seeded with `seed`: a seed gives the same fit every time. Returns the centres,
+    every token's nearest centre and the inertia (sum of squared distances).
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    z_sq = z.pow(2).sum(1)
     threshold = z.var(0).mean().item() * tol  # as scikit-learn: tol relative to the mean variance
     best = None
     for _ in range(restarts):
-        start = _kmeans_plus_plus(z, z_sq, k, generator) if init == "k-means++" else _random_init(z, k, generator)
-        fit = _lloyd(z, z_sq, start, max_iter, threshold)
+        start = _kmeans_plus_plus(z, k, generator) if init == "k-means++" else _random_init(z, k, generator)
+        fit = _lloyd(z, start, max_iter, threshold)
         if best is None or fit[2] < best[2]:
             best = fit
     return best

@@ -40,28 +40,16 @@ def _reference_factor(damped: torch.Tensor) -> tuple[torch.Tensor | None, int]:
     return upper, int(info.item())
 
 
-def _reversed_factor(damped: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-    """The same factor with one Cholesky and one triangular solve: with J the reversal permutation,
-    J H J = L L^T gives H = R R^T with R = J L J upper triangular, so H^-1 = R^-T R^-1 and U = R^-1.
-    About half the work of the reference; equal to it up to rounding (used for expert batches)."""
-    lower, info = torch.linalg.cholesky_ex(damped.flip(-1, -2))
-    if info.item() != 0:
-        return None, 1
-    upper = lower.flip(-1, -2)
-    eye = torch.eye(upper.shape[-1], dtype=upper.dtype, device=upper.device)
-    return torch.linalg.solve_triangular(upper, eye, upper=True), 0
-
-
 def inverse_hessian_factors(hessians: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, list[float]]:
     """Upper Cholesky factors U of (H + damp*I)^-1 = U^T U for a batch of Hessians (E, c, c).
 
     damp starts at `percdamp` x mean(diag H) and is raised tenfold, per matrix, until the
     factorization succeeds. (One matrix at a time: measured faster than batched LAPACK calls here.)
-    A single Hessian (SparseGPT) goes through the reference's arithmetic, so results match published
-    SparseGPT runs bit for bit; a batch of experts through the cheaper reversed factorization
-    (benchmarks/bench_expansion_build.py: 16 experts of 1536 inputs, 76 s -> 7 s on a busy 2-core CPU).
+    Experts go through the same arithmetic as a single matrix: one Cholesky and one triangular inverse
+    would do half the work, but its rounding differences change masks and, on the embedded model with
+    4k calibration tokens, Sparse Expansion's perplexity by 1-5% (issue 8): kept for reproducibility.
     """
-    factor = _reference_factor if hessians.shape[0] == 1 else _reversed_factor
+    factor = _reference_factor
     cols = hessians.shape[-1]
     idx = torch.arange(cols, device=hessians.device)
     factors = torch.empty_like(hessians)
