@@ -249,3 +249,9 @@ def test_merged_statistics_equal_one_statistic_fed_everything(statistic):
     assert merged.tokens == whole.tokens == 31
     torch.testing.assert_close(getattr(merged, field).double(), direct, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(getattr(merged, field), getattr(whole, field), rtol=1e-5, atol=1e-6)
+    parts = [statistic(12) for _ in batches]
+    for part, b in zip(parts, batches):
+        part.update(b)
+    combined = statistic.combine(parts)
+    assert combined.tokens == 31
+    torch.testing.assert_close(getattr(combined, field).double(), direct, rtol=1e-5, atol=1e-6)

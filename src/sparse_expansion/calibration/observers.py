@@ -26,6 +26,17 @@ class _RunningMean:
         return self
 
     @classmethod
+    def combine(cls, statistics: list) -> "_RunningMean":
+        """One statistic of all the tokens the given ones saw: their token-weighted mean (several at once;
+        `merge` is the same for two)."""
+        total = sum(s.tokens for s in statistics)
+        combined = cls.__new__(cls)
+        setattr(combined, cls.FIELD, sum(getattr(s, cls.FIELD) * (s.tokens / total) for s in statistics))
+        combined.tokens = total
+        combined.derived = {}
+        return combined
+
+    @classmethod
     def stack(cls, statistics: list) -> "_RunningMean":
         """Several statistics as one batched statistic (one leading index each), e.g. one per expert."""
         stacked = cls.__new__(cls)

@@ -141,10 +141,8 @@ class ExpandStep(Step):
             sizes = [s.tokens for s in clusters]
             small = [e for e, n in enumerate(sizes) if n < config.min_cluster_tokens]
             if small:
-                # The layer's whole statistic (all clusters merged) for the clusters too small for their own.
-                whole = self.method.statistic(router.in_features, self.device)
-                for cluster in clusters:
-                    whole.merge(cluster)
+                # The layer's whole statistic (all clusters combined) for the clusters too small for their own.
+                whole = self.method.statistic.combine(clusters)
                 clusters = [whole if e in small else cluster for e, cluster in enumerate(clusters)]
             stacked = self.method.statistic.stack(clusters)  # shared by the layers of this group
             del clusters
