@@ -18,7 +18,9 @@
    An observe-only step (`modifies = False`) needs one pass per block: it observes while propagating.
    `stop_after=N` ends the walk after block N.
 
-Only one block is on the compute device at a time; activations are kept on `store_device`.
+Only one block is on the compute device at a time. Activations are kept on `store_device`; by default
+("auto") that is the compute device when the calibration activations fit comfortably in its free memory
+(no host/device copies per block on a GPU), else the CPU.
 """
 
 from __future__ import annotations
@@ -116,12 +118,13 @@ def watching(block: nn.Module, watches: dict[str, Watch]) -> Iterator[None]:
 
 class SequentialCalibration:
     def __init__(self, model: nn.Module, layout: ModelLayout, device: torch.device | str = "cpu",
-                 store_device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = True,
+                 store_device: torch.device | str = "auto", batch_size: int = 8, progress: bool = True,
                  desc: str = "blocks"):
         self.model = model
         self.layout = layout
         self.device = torch.device(device)
-        self.store_device = torch.device(store_device)
+        self.store_device = None if str(store_device) == "auto" else torch.device(store_device)
+        self.home = next(model.parameters()).device  # where blocks go back to after their turn
         self.batch_size = max(1, batch_size)
         self.progress = progress
         self.desc = desc
@@ -136,9 +139,21 @@ class SequentialCalibration:
         finally:
             self.model.set_submodule(path, blocks)
 
+    def _choose_store_device(self, windows: torch.Tensor) -> torch.device:
+        """The compute device when two copies of the activations (a block's inputs and outputs) take at
+        most half of its free memory; else the CPU."""
+        if self.device.type != "cuda":
+            return self.device
+        dtype = next(self.layout.blocks.parameters()).dtype
+        needed = 2 * windows.numel() * self.layout.hidden_size * torch.empty(0, dtype=dtype).element_size()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if needed <= free // 2 else torch.device("cpu")
+
     @torch.no_grad()
     def capture(self, windows: torch.Tensor) -> list[BlockBatch]:
         """Block 0's inputs and every block's own arguments, for every calibration batch."""
+        if self.store_device is None:
+            self.store_device = self._choose_store_device(windows)
         blocks = self.layout.blocks
         last = len(blocks) - 1
         memo: dict = {}
@@ -180,7 +195,7 @@ class SequentialCalibration:
         finally:
             for block in blocks:
                 del block.forward
-            self._move_non_block_parts(self.store_device)
+            self._move_non_block_parts(self.home)
         return batches
 
     @torch.no_grad()
@@ -221,7 +236,7 @@ class SequentialCalibration:
                     step.modify(index, block, statistics)
             if after_block is not None:
                 after_block(index, block, [b.hidden for b in batches], statistics)
-            blocks[index].to(self.store_device)
+            blocks[index].to(self.home)
 
 
 @torch.no_grad()

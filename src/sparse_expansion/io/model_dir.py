@@ -110,14 +110,16 @@ def read_manifest(path: Path) -> dict | None:
     """The manifest of a directory this tool wrote, or None for an ordinary Hugging Face directory."""
     file = path / MANIFEST_FILE
     if not file.is_file():
+        if (path / COMPRESSED_WEIGHTS_FILE).is_file():
+            raise UsageError(f"{path} has compressed weights but no {MANIFEST_FILE} to check them against")
         return None
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{file} is not valid JSON: {exc}") from None
     if data.get("format") != FORMAT:
-        if (path / "expansion.json").is_file():
-            raise UsageError(f"{path} was written by an older sparse-expansion (expansion.json); expand it again")
+        if (path / "expansion.json").is_file() or (path / COMPRESSED_WEIGHTS_FILE).is_file():
+            raise UsageError(f"{path} was written by an older sparse-expansion (no checksums); prune or expand again")
         return None  # someone else's manifest.json: an ordinary directory
     if data.get("version") != FORMAT_VERSION:
         raise UsageError(f"{file}: {FORMAT} version {data.get('version')} is not supported (expected {FORMAT_VERSION})")
