@@ -59,6 +59,12 @@ def _data_methods() -> list[str]:
     return [name for name, method in METHODS.items() if method.statistic is not None]
 
 
+def _kmeans_inits() -> tuple[str, ...]:
+    from .expansion.fitting import INITS
+
+    return INITS
+
+
 def _add_expansion_options(parser: argparse.ArgumentParser, multi_experts: bool = False) -> None:
     group = parser.add_argument_group("sparse expansion")
     if multi_experts:
@@ -72,7 +78,7 @@ def _add_expansion_options(parser: argparse.ArgumentParser, multi_experts: bool 
                        help="k-means++ restarts, lowest inertia kept (default 1, as scikit-learn)")
     group.add_argument("--kmeans-iterations", type=int, default=300,
                        help="Lloyd iterations at most, per restart (default 300)")
-    group.add_argument("--kmeans-init", choices=("k-means++", "random"), default="k-means++",
+    group.add_argument("--kmeans-init", choices=_kmeans_inits(), default="k-means++",
                        help="k-means seeding (default k-means++)")
     group.add_argument("--router-backend", choices=("torch", "sklearn"), default="torch",
                        help="library that fits PCA and k-means (default torch; see docs/BENCHMARKS.md)")

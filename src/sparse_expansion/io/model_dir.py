@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..layers.protocol import kind_named, kind_of
+from ..layers.protocol import kind_named, kind_of, unique_tensor_bytes
 from ..runtime import first_line
 from .atomic import atomic_output_dir
 from .compressed import COMPRESSED_WEIGHTS_FILE, load_compressed, resolve_weight_format, save_compressed
@@ -66,12 +66,6 @@ def describe_layers(model: nn.Module) -> dict[str, dict]:
     return layers
 
 
-def _dense_bytes(state: dict[str, torch.Tensor]) -> int:
-    """The state dict's bytes with every tensor stored as it is (tied tensors once)."""
-    unique = {(t.data_ptr(), t.numel(), t.dtype): t for t in state.values()}
-    return sum(t.numel() * t.element_size() for t in unique.values())
-
-
 def save_model_dir(model: nn.Module, tokenizer, out: str | Path, manifest: dict | None = None,
                    weight_format: str = "auto", overwrite: bool = False) -> Path:
     """Write a model directory atomically. `weight_format`: `compressed` (sparse tensors as bitmask/CSR),
@@ -99,7 +93,7 @@ def save_model_dir(model: nn.Module, tokenizer, out: str | Path, manifest: dict 
         data = {**(manifest or {}), "format": FORMAT, "version": FORMAT_VERSION,
                 "weights": {"form": form, "encoding": weight_format,
                             "bytes": sum((tmp / f).stat().st_size for f in files),
-                            "dense_bytes": _dense_bytes(state),
+                            "dense_bytes": unique_tensor_bytes(state.values()),
                             "sha256": {f: file_sha256(tmp / f) for f in files}},
                 "custom_layers": layers}
         (tmp / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -13,7 +13,7 @@ types, so a new layer kind is one new module that registers its `LayerKind`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -27,7 +27,6 @@ class AccelerateContext:
     mode: str = "auto"  # auto: measured per shape and token count; always: the fast path everywhere; off
     switches: object = None  # a SwitchCache (layers/switch.py), shared by the layers of one model
     cpu_kernels: bool = False  # the native CSR kernels are built and loaded
-    report: dict = field(default_factory=dict)
 
 
 class LayerKind:
@@ -116,3 +115,9 @@ def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 def tensor_bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def unique_tensor_bytes(tensors) -> int:
+    """Bytes of the tensors with shared storage counted once (tied embeddings)."""
+    unique = {(t.data_ptr(), t.numel(), t.dtype): t for t in tensors}
+    return tensor_bytes(*unique.values())

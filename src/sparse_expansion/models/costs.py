@@ -10,19 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers.protocol import kind_of, linear_weight
+from ..layers.protocol import kind_of, linear_weight, unique_tensor_bytes
 from .discovery import ModelLayout
-
-
-def stored_bytes(module: nn.Module) -> int:
-    """Every parameter and buffer at its dtype, zeros included; tied tensors once."""
-    seen, total = set(), 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def ffn_costs(model: nn.Module, layout: ModelLayout) -> dict:
@@ -43,7 +32,7 @@ def ffn_costs(model: nn.Module, layout: ModelLayout) -> dict:
         "ffn_flops_per_token": sparse + router,
         "router_flops_per_token": int(router),
         "ffn_params_stored": ffn_params,
-        "stored_bytes": stored_bytes(model),
+        "stored_bytes": unique_tensor_bytes([*model.parameters(), *model.buffers()]),
     }
 
 
