@@ -1,4 +1,4 @@
-"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,lm-eval,compare,bench}`."""
+"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,lm-eval,compare,bench,neurons}`."""
 
 from __future__ import annotations
 
@@ -86,6 +86,9 @@ def _add_expansion_options(parser: argparse.ArgumentParser, multi_experts: bool 
                        help="clusters with fewer calibration tokens use the layer's whole statistic (default 32)")
     group.add_argument("--expert-method", choices=_data_methods(), default="sparsegpt",
                        help="how each expert is pruned on its cluster (default sparsegpt)")
+    group.add_argument("--selective", type=float, default=None, metavar="P",
+                       help="expand only the P%% of each FFN linear's rows that score highest (0 < P <= 100); "
+                            "the other rows are pruned once and shared (default: expand every row)")
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--quiet", action="store_true", help="no progress bars or lm-eval log messages")
     lm.add_argument("--json", default=None, help="write the results as JSON")
 
+    neurons = sub.add_parser("neurons", help="neuron entanglement: Wasserstein distance of every FFN neuron to a "
+                                             "Gaussian, mapping difficulty, ablation, disentanglement")
+    neurons.add_argument("--out", required=True, help="output directory (written atomically)")
+    neurons.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    neurons.add_argument("--layers", default=None, help="block indices to analyse, e.g. 0,1,5 (default: all)")
+    neurons.add_argument("--top-percent", type=float, default=3.0,
+                         help="the Wasserstein neurons: this top percent of each layer by WD (default 3)")
+    neurons.add_argument("--pairs", type=int, default=None,
+                         help="token pairs for mapping difficulty (default: all tokens in disjoint pairs)")
+    neurons.add_argument("--no-plots", action="store_true", help="JSON and CSV only")
+    neurons.add_argument("--ablate", action="store_true",
+                         help="perplexity with only the selected neurons sparsified (SparseGPT on their rows) or "
+                              "with their negative pre-activations zeroed, for neurons chosen by WD, output mean, "
+                              "output variance, weight norm and at random")
+    neurons.add_argument("--ablate-sparsity", default="0.9,0.95,0.99",
+                         help="sparsities of the selected rows (default 0.9,0.95,0.99)")
+    neurons.add_argument("--expanded", default=None,
+                         help="a saved Sparse Expansion model (built from --model): how its clusters disentangle "
+                              "the neurons")
+    neurons.add_argument("--sweep-experts", default="1,2,4,8,16",
+                         help="with --expanded: one neuron's sparse outputs with these numbers of experts "
+                              "(default 1,2,4,8,16; empty: none)")
+    _add_data_options(neurons)
+
     cmp_ = sub.add_parser("compare", help="several methods on the same calibration and test windows")
     cmp_.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt",
                       help="comma-separated: " + ", ".join(["dense", *_method_names(), "sparse-expansion"]))
@@ -206,10 +233,13 @@ def _expansion(args, experts: int):
 
     if args.min_cluster_tokens < 1:
         raise UsageError("--min-cluster-tokens must be at least 1")
+    if args.selective is not None and not 0 < args.selective <= 100:
+        raise UsageError(f"--selective must be a percentage of rows in (0, 100], got {args.selective:g}")
     config = ExpansionConfig(experts=experts, pca_reduction=None if args.no_pca else args.pca_reduction,
                              kmeans_restarts=args.kmeans_restarts, kmeans_iterations=args.kmeans_iterations,
                              kmeans_init=args.kmeans_init, seed=args.seed, backend=args.router_backend,
-                             min_cluster_tokens=args.min_cluster_tokens, method=args.expert_method)
+                             min_cluster_tokens=args.min_cluster_tokens, method=args.expert_method,
+                             selective=None if args.selective is None else args.selective / 100)
     config.validate()
     return config
 
@@ -403,6 +433,47 @@ def cmd_lm_eval(args) -> int:
     return 0
 
 
+def _float_list(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise UsageError(f"{option} expects numbers, e.g. 0.9,0.95; got {text!r}") from None
+
+
+def cmd_neurons(args) -> int:
+    from . import workflow
+    from .io import check_output_path
+    from .workflow.neurons import NeuronOptions, run_neurons
+
+    options = NeuronOptions(layers=None if args.layers is None else _int_list(args.layers, "--layers"),
+                            top_percent=args.top_percent, pairs=args.pairs, seed=args.seed, plots=not args.no_plots,
+                            ablate=args.ablate, ablate_sparsities=_float_list(args.ablate_sparsity, "--ablate-sparsity"),
+                            expanded=args.expanded, sweep_experts=tuple(_int_list(args.sweep_experts, "--sweep-experts")))
+    options.validate()
+    check_output_path(args.out, args.overwrite)
+    session = workflow.open_session(_settings(args))
+    options.blocks(len(session.layout.blocks))  # a bad --layers fails before any work
+    summary = run_neurons(session, args.out, options, overwrite=args.overwrite)
+    layers = summary["layers"]
+    print(f"{len(layers)} FFN linear layers of {len(summary['blocks'])} blocks, {summary['calib_tokens']} calibration "
+          f"tokens -> {args.out}")
+    for row in layers[:3] + ([] if len(layers) <= 3 else [None]):
+        if row is None:
+            print("...")
+            continue
+        print(f"  {row['layer']}: median WD {row['wd']['median']:.4f}, max {row['wd']['max']:.4f}, "
+              f"Spearman(WD, MD) {row['spearman_wd_md'] if row['spearman_wd_md'] is None else round(row['spearman_wd_md'], 3)}")
+    for row in summary.get("ablation", [])[1:]:
+        sparsity = "zero negative" if row["sparsity"] is None else f"{row['sparsity']:.0%}"
+        print(f"  ablation {row['criterion']} {sparsity}: perplexity {row['ppl']:.3f}")
+    if "disentanglement" in summary:
+        d = summary["disentanglement"]["wd_wasserstein_neurons"]
+        if d.get("neurons"):
+            print(f"  disentanglement: weighted WD lower for {d['fraction_lower']:.1%} of the Wasserstein neurons, "
+                  f"median change {d['median_relative_change']:+.1%}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from . import workflow
     from .io import atomic_write_text, check_output_path
@@ -434,7 +505,8 @@ def cmd_compare(args) -> int:
 
 
 COMMANDS = {"prune": cmd_prune, "expand": cmd_expand, "generate": cmd_generate, "eval": cmd_eval,
-            "lm-eval": cmd_lm_eval, "compare": cmd_compare, "bench": cmd_bench}
+            "lm-eval": cmd_lm_eval, "compare": cmd_compare, "bench": cmd_bench,
+            "neurons": cmd_neurons}
 
 
 def main(argv: list[str] | None = None) -> int:

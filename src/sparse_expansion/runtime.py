@@ -48,3 +48,28 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type's name), for one-line errors."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    Long loops that allocate and free large tensors between small Python objects leave the heap fragmented:
+    glibc serves tensors of up to 32 MiB from the heap once one has been freed, and the holes stay resident.
+    Measured on the neuron analysis of the embedded model: peak RSS grew by about 70 MB per block without
+    this, and stayed flat with it (docs/BENCHMARKS.md, issue 9).
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - only glibc has it
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None

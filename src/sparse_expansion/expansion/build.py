@@ -8,6 +8,9 @@ For each block (on the dense block's calibration inputs):
    weight per cluster with the experts' method from the pruning registry (SparseGPT by default; all
    experts of a layer in one batched pass);
 4. replace each FFN linear with an `ExpertLinear` and attach the routers to the block.
+With `selective` (a fraction p of rows), only the top p of each linear's output rows, by a score the caller
+supplies (`row_scores`), become expert rows (a (k, rows, in) stack pruned as above); the other rows are
+pruned once with the layer's whole statistic and shared by all tokens (`SelectiveExpertLinear`).
 The engine then propagates the calibration batches through the *expanded* block, with routing, so the
 next block calibrates on what the expanded model really produces.
 
@@ -18,20 +21,26 @@ instead, and the manifest says so.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..calibration import SequentialCalibration, Step, TokenRecorder, Watch
 from ..errors import UsageError
-from ..layers import ROUTERS_ATTR, ExpertLinear, Router, clear_router_memos
+from ..layers import ROUTERS_ATTR, ExpertLinear, Router, SelectiveExpertLinear, clear_router_memos
 from ..models.discovery import ModelLayout, linear_weight
 from ..pruning.masks import check_nm_shape
 from ..pruning.methods import PruneOptions, PruningMethod, get_method
 from ..pruning.spec import SparsitySpec
 from .fitting import INITS, fit_router, pca_components
+
+# (layer path, weight (out, in), the layer's calibration inputs (tokens, in) on the compute device, bias or
+# None) -> one score per output row; the highest scores are expanded.
+RowScores = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class ExpansionConfig:
     backend: str = "torch"
     min_cluster_tokens: int = 32
     method: str = "sparsegpt"  # how each expert is pruned on its cluster: a name from the pruning registry
+    selective: float | None = None  # fraction of each linear's rows to expand, in (0, 1]; None: every row
 
     def validate(self) -> None:
         if self.experts < 1:
@@ -57,6 +67,8 @@ class ExpansionConfig:
             raise UsageError(f"--kmeans-iterations must be at least 1, got {self.kmeans_iterations}")
         if self.kmeans_init not in INITS:
             raise UsageError(f"unknown --kmeans-init {self.kmeans_init!r}; choose one of {', '.join(INITS)}")
+        if self.selective is not None and not 0 < self.selective <= 1:
+            raise UsageError(f"selective expansion needs a fraction of rows in (0, 1], got {self.selective}")
         if get_method(self.method).statistic is None:
             raise UsageError(f"--expert-method {self.method} uses no calibration data, so every expert would be "
                              "the same; choose a method that does (wanda, sparsegpt)")
@@ -90,7 +102,8 @@ class ExpansionReport:
                 "experts": config.experts, "expert_method": config.method, "pca_reduction": config.pca_reduction,
                 "kmeans_restarts": config.kmeans_restarts, "kmeans_iterations": config.kmeans_iterations,
                 "kmeans_init": config.kmeans_init, "router_backend": config.backend,
-                "min_cluster_tokens": config.min_cluster_tokens, "router_seconds": self.router_seconds,
+                "min_cluster_tokens": config.min_cluster_tokens, "selective": config.selective,
+                "router_seconds": self.router_seconds,
                 "fallback_experts": self.fallbacks(), "routers": self.routers, "layers": self.layers}
 
 
@@ -111,15 +124,82 @@ def _cluster_statistics(batches: list[torch.Tensor], router: Router, statistic_t
     return statistics
 
 
+def select_rows(scores: torch.Tensor, fraction: float, rows: int, path: str) -> torch.Tensor:
+    """The ceil(fraction * rows) rows with the highest scores (at least one), in ascending order; ties go to
+    the lower index and NaN scores rank lowest, so the same scores always select the same rows."""
+    scores = torch.as_tensor(scores).detach()
+    if scores.shape != (rows,):
+        raise UsageError(f"row scores for {path}: expected {rows} values, got shape {tuple(scores.shape)}")
+    scores = scores.to("cpu", torch.float64)
+    scores = torch.where(torch.isnan(scores), float("-inf"), scores)
+    count = min(rows, max(1, math.ceil(fraction * rows - 1e-9)))  # 1e-9: 0.3 * 10 is 3, not 3.0000000000000004
+    return torch.argsort(scores, descending=True, stable=True)[:count].sort().values
+
+
+@dataclass
+class GroupFit:
+    """A router fitted on one input's calibration tokens and the experts' statistics from its clusters."""
+
+    router: Router
+    stacked: object  # one statistic per expert, stacked (the method's statistic type)
+    whole: object | None  # all clusters combined (for small clusters and shared rows), when asked for
+    sizes: list[int]  # calibration tokens per cluster
+    small: list[int]  # clusters with fewer than min_cluster_tokens: pruned on the whole statistic
+    router_seconds: float
+
+
+def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: PruningMethod, device: torch.device,
+              whole: bool = False) -> GroupFit:
+    """Fit the router on the tokens (batches are consumed), then one statistic per cluster. A cluster with
+    fewer than `min_cluster_tokens` tokens uses the layer's whole statistic instead."""
+    start = time.perf_counter()
+    router = fit_router(torch.cat(batches), config.experts, config.pca_reduction, config.kmeans_restarts,
+                        config.seed, config.backend, max_iter=config.kmeans_iterations,
+                        init=config.kmeans_init).to(device)
+    seconds = time.perf_counter() - start
+    clusters = _cluster_statistics(batches, router, method.statistic, device)
+    batches.clear()
+    sizes = [s.tokens for s in clusters]
+    small = [e for e, n in enumerate(sizes) if n < config.min_cluster_tokens]
+    combined = method.statistic.combine(clusters) if small or whole else None
+    if small:
+        clusters = [combined if e in small else cluster for e, cluster in enumerate(clusters)]
+    return GroupFit(router, method.statistic.stack(clusters), combined, sizes, small, seconds)
+
+
+def prune_experts(weight: torch.Tensor, stacked, experts: int, method: PruningMethod, spec: SparsitySpec,
+                  options: PruneOptions) -> torch.Tensor:
+    """One pruned copy of `weight` (rows, in) per expert, each on its cluster's statistic: (k, rows, in)."""
+    return method.prune(weight.unsqueeze(0).expand(experts, *weight.shape), stacked, spec, options)
+
+
+def expand_linear(module: nn.Module, inputs: torch.Tensor, spec: SparsitySpec, config: ExpansionConfig,
+                  options: PruneOptions | None = None) -> tuple[Router, torch.Tensor, torch.Tensor | None]:
+    """Expand one linear layer on its calibration inputs (tokens, in), outside any model: its router, the
+    (k, out, in) pruned experts and the bias. (What the analysis uses to vary the number of experts.)"""
+    config.validate()
+    method = get_method(config.method)
+    fit = fit_group([inputs], config, method, inputs.device)
+    weight = linear_weight(module).detach().to(inputs.device)
+    bias = getattr(module, "bias", None)
+    experts = prune_experts(weight, fit.stacked, config.experts, method, spec, options or PruneOptions())
+    return fit.router, experts, None if bias is None else bias.detach()
+
+
 class ExpandStep(Step):
     """observe: record the FFN input and the intermediate activation (one recorder per input group);
-    modify: fit a router per group, one statistic per cluster, prune k copies of each weight with the
-    experts' pruning method, swap in the expert layers and attach the routers to the block."""
+    modify: fit a router per group, one statistic per cluster, prune k copies of each weight (or of its
+    selected rows) with the experts' pruning method, swap in the expert layers and attach the routers to
+    the block."""
 
     def __init__(self, layout: ModelLayout, spec: SparsitySpec, config: ExpansionConfig, options: PruneOptions,
-                 method: PruningMethod, device: torch.device, report: ExpansionReport):
+                 method: PruningMethod, device: torch.device, report: ExpansionReport,
+                 row_scores: RowScores | None = None):
+        if config.selective is not None and row_scores is None:
+            raise UsageError("selective expansion needs row scores (row_scores) to choose the rows to expand")
         self.layout, self.spec, self.config, self.options = layout, spec, config, options
         self.method, self.device, self.report = method, device, report
+        self.row_scores = row_scores
         self.groups = layout.input_groups("ffn")
 
     def observe(self, index: int, block: nn.Module) -> dict[str, Watch]:
@@ -127,48 +207,67 @@ class ExpandStep(Step):
 
     def modify(self, index: int, block: nn.Module, statistics: dict[str, TokenRecorder]) -> None:
         config, report = self.config, self.report
+        selective = config.selective is not None
         routers = nn.ModuleDict()
         prefix = f"{self.layout.blocks_path}.{index}"
         for group, names in self.groups.items():
             batches = statistics[group].batches
-            start = time.perf_counter()
-            router = fit_router(torch.cat(batches), config.experts, config.pca_reduction, config.kmeans_restarts,
-                                config.seed, config.backend, max_iter=config.kmeans_iterations,
-                                init=config.kmeans_init).to(self.device)
-            report.router_seconds += time.perf_counter() - start
-            clusters = _cluster_statistics(batches, router, self.method.statistic, self.device)
-            batches.clear()
-            sizes = [s.tokens for s in clusters]
-            small = [e for e, n in enumerate(sizes) if n < config.min_cluster_tokens]
-            if small:
-                # The layer's whole statistic (all clusters combined) for the clusters too small for their own.
-                whole = self.method.statistic.combine(clusters)
-                clusters = [whole if e in small else cluster for e, cluster in enumerate(clusters)]
-            stacked = self.method.statistic.stack(clusters)  # shared by the layers of this group
-            del clusters
+            inputs = torch.cat(batches).to(self.device) if selective else None  # what the row scores read
+            fit = fit_group(batches, config, self.method, self.device, whole=selective)
+            report.router_seconds += fit.router_seconds
+            router, stacked, whole, sizes, small = fit.router, fit.stacked, fit.whole, fit.sizes, fit.small
             report.routers[f"{prefix}.{ROUTERS_ATTR}.{group}"] = {"tokens_per_expert": sizes,
                                                                    "components": router.components}
             for name in names:
+                path = f"{prefix}.{name}"
                 module = block.get_submodule(name)
                 weight = linear_weight(module).detach().to(self.device)
-                stacked_weight = weight.unsqueeze(0).expand(config.experts, *weight.shape)
-                pruned = self.method.prune(stacked_weight, stacked, self.spec, self.options)
                 bias = module.bias.detach().clone() if getattr(module, "bias", None) is not None else None
-                expert_linear = ExpertLinear(router, pruned.to(weight.dtype), bias)
-                block.set_submodule(name, expert_linear)
-                zeros = (expert_linear.weight == 0).flatten(1).sum(1).tolist()
-                report.layers[f"{prefix}.{name}"] = {"shape": list(weight.shape), "numel": weight.numel(),
-                                                     "router": group, "zeros": zeros,
-                                                     "sparsity": [z / weight.numel() for z in zeros],
-                                                     "fallback_experts": small}
+                if selective:
+                    layer = self._selective_layer(path, router, weight, bias, inputs, stacked, whole)
+                    shared_zeros = int((layer.shared_weight == 0).sum())
+                    zeros = [shared_zeros + z for z in (layer.expert_weight == 0).flatten(1).sum(1).tolist()]
+                    extra = {"selected_rows": layer.selected_features}
+                else:
+                    layer = ExpertLinear(router, self._prune_experts(weight, stacked).to(weight.dtype), bias)
+                    zeros = (layer.weight == 0).flatten(1).sum(1).tolist()
+                    extra = {}
+                block.set_submodule(name, layer)
+                report.layers[path] = {"shape": list(weight.shape), "numel": weight.numel(), "router": group,
+                                       "zeros": zeros, "sparsity": [z / weight.numel() for z in zeros],
+                                       "fallback_experts": small, **extra}
             routers[group] = router
         setattr(block, ROUTERS_ATTR, routers)
+
+    def _prune_experts(self, weight: torch.Tensor, stacked) -> torch.Tensor:
+        return prune_experts(weight, stacked, self.config.experts, self.method, self.spec, self.options)
+
+    def _selective_layer(self, path: str, router: Router, weight: torch.Tensor, bias: torch.Tensor | None,
+                         inputs: torch.Tensor, stacked, whole) -> SelectiveExpertLinear:
+        """Expand the rows the scores rank highest; prune the others once, on the whole statistic."""
+        rows = weight.shape[0]
+        scores = self.row_scores(path, weight, inputs, None if bias is None else bias.to(self.device))
+        expert_rows = select_rows(scores, self.config.selective, rows, path)
+        shared = torch.ones(rows, dtype=torch.bool)
+        shared[expert_rows] = False
+        shared_rows = shared.nonzero().flatten().to(weight.device)
+        expert_rows = expert_rows.to(weight.device)
+        shared_weight = weight.index_select(0, shared_rows)
+        if shared_rows.numel():
+            shared_weight = self.method.prune(shared_weight, whole, self.spec, self.options)
+        expert_weight = self._prune_experts(weight.index_select(0, expert_rows), stacked)
+        return SelectiveExpertLinear(router, shared_weight.to(weight.dtype), expert_weight.to(weight.dtype),
+                                     shared_rows, expert_rows, bias)
 
 
 def expand_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, spec: SparsitySpec,
                  config: ExpansionConfig, options: PruneOptions | None = None, device: torch.device | str = "cpu",
-                 batch_size: int = 8, progress: bool = True, engine_options: dict | None = None) -> ExpansionReport:
-    """Turn every FFN linear of every block into `config.experts` SparseGPT experts, in place."""
+                 batch_size: int = 8, progress: bool = True, engine_options: dict | None = None,
+                 row_scores: RowScores | None = None) -> ExpansionReport:
+    """Turn every FFN linear of every block into `config.experts` SparseGPT experts, in place.
+
+    With `config.selective`, only the rows that `row_scores` ranks highest become experts (see `RowScores`).
+    """
     config.validate()
     options = options or PruneOptions()
     device = torch.device(device)
@@ -184,9 +283,10 @@ def expand_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, s
     start = time.perf_counter()
 
     method = get_method(config.method, options.bits)
+    step = ExpandStep(layout, spec, config, options, method, device, report, row_scores)
     engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=progress,
                                    desc=f"expand x{config.experts}")
-    engine.run(windows, ExpandStep(layout, spec, config, options, method, device, report), **(engine_options or {}))
+    engine.run(windows, step, **(engine_options or {}))
     clear_router_memos(model)  # drop the last calibration batch the routers still hold
     report.seconds = time.perf_counter() - start
     return report

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..kernels import native
-from ..layers import ExpertLinear, SparseLinear
+from ..layers import ExpertLinear, SelectiveExpertLinear, SparseLinear
 from ..layers.protocol import AccelerateContext, kind_of
 from ..layers.switch import ALWAYS, SwitchCache
 from ..models.discovery import discover
@@ -73,8 +73,9 @@ def accelerate(model: nn.Module, mode: str = "auto", cache: SwitchCache | None =
             if not name or kind is None or not kind.linear:
                 continue
             new = kind.accelerate(module, context)
-            if isinstance(module, ExpertLinear):
-                report["experts"] += sum(k is not None for k in module.expert_kernels or [])
+            if isinstance(module, (ExpertLinear, SelectiveExpertLinear)):
+                kernels = [getattr(module, "shared_kernel", None), *(module.expert_kernels or [])]
+                report["experts"] += sum(k is not None for k in kernels)
             elif new is not module:
                 block.set_submodule(name, new)
                 report["layers"] += 1
@@ -93,6 +94,6 @@ def force_sparse(model: nn.Module) -> None:
             module.csr.switch = ALWAYS
         elif hasattr(module, "fast_at_one_token"):
             module.switch = ALWAYS
-        for kernel in getattr(module, "expert_kernels", None) or []:
+        for kernel in [getattr(module, "shared_kernel", None), *(getattr(module, "expert_kernels", None) or [])]:
             if kernel is not None:
                 kernel.switch = ALWAYS

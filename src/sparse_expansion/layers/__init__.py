@@ -1,13 +1,15 @@
 """Layer kinds and the protocol they share (protocol.py). Importing this package registers every kind."""
 
-from . import expert_linear, linear, router, semi_structured, sparse_linear  # noqa: F401  (registration)
+from . import (expert_linear, linear, router, selective_linear, semi_structured,  # noqa: F401  (registration)
+               sparse_linear)
 from .expert_linear import ROUTERS_ATTR, ExpertLinear, clear_router_memos
 from .protocol import (AccelerateContext, LayerKind, is_linear, kind_named, kind_of, kinds, linear_weight, register,
                        set_linear_weight)
 from .router import Router
+from .selective_linear import SelectiveExpertLinear
 from .sparse_linear import CSRWeight, SparseLinear
 from .switch import SwitchCache
 
-__all__ = ["AccelerateContext", "CSRWeight", "ExpertLinear", "LayerKind", "ROUTERS_ATTR", "Router", "SparseLinear",
-           "SwitchCache", "clear_router_memos", "is_linear", "kind_named", "kind_of", "kinds", "linear_weight",
-           "register", "set_linear_weight"]
+__all__ = ["AccelerateContext", "CSRWeight", "ExpertLinear", "LayerKind", "ROUTERS_ATTR", "Router",
+           "SelectiveExpertLinear", "SparseLinear", "SwitchCache", "clear_router_memos", "is_linear", "kind_named",
+           "kind_of", "kinds", "linear_weight", "register", "set_linear_weight"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from .linear import nonzero_flops
 from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
 from .router import Router
-from .sparse_linear import csr_candidate, prepare_csr, sparse_product
+from .sparse_linear import CSRWeight, csr_candidate, prepare_csr, sparse_product
 
 ROUTERS_ATTR = "sparse_expansion_routers"  # ModuleDict attached to each expanded decoder block
 
@@ -53,26 +55,55 @@ class ExpertLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.experts == 1:
-            return self._expert_product(0, flat).reshape(*x.shape[:-1], self.out_features)
-        labels = self.router(x)
-        if flat.shape[0] == 1:
-            # One token (decoding): read exactly one expert.
-            out = self._expert_product(int(labels[0]), flat)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        # Group tokens by expert, one matmul per expert that receives tokens, scatter back.
-        order = torch.argsort(labels, stable=True)
-        counts = torch.bincount(labels, minlength=self.experts).tolist()
-        grouped = flat.index_select(0, order)
-        out_sorted = torch.empty(flat.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                end = start + count
-                out_sorted[start:end] = self._expert_product(expert, grouped[start:end])
-                start = end
-        out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
+        out = routed_products(self.router, x, flat, self.experts, self.out_features, self._expert_product)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def routed_products(router: Router, x: torch.Tensor, flat: torch.Tensor, experts: int, out_features: int,
+                    product: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`product(expert, tokens)` for every token with the expert the router picks, as (tokens, out_features)
+    in token order. `x` is the layer's input as received (the router memoizes on it), `flat` its tokens.
+
+    One expert: no routing. One token (decoding): exactly one expert is read. Otherwise tokens are grouped
+    by expert, one product per expert that receives tokens, and scattered back.
+    """
+    if experts == 1:
+        return product(0, flat)
+    labels = router(x)
+    if flat.shape[0] == 1:
+        return product(int(labels[0]), flat)
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=experts).tolist()
+    grouped = flat.index_select(0, order)
+    out_sorted = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            end = start + count
+            out_sorted[start:end] = product(expert, grouped[start:end])
+            start = end
+    return torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
+
+
+def mean_nonzero_flops(weights: torch.Tensor) -> float:
+    """Mean over a stack of expert matrices of their non-zero FLOPs (each token runs one expert)."""
+    return sum(nonzero_flops(w) for w in weights) / weights.shape[0]
+
+
+def matrix_bytes_at_one_token(kernel: CSRWeight | None, weight: torch.Tensor) -> int:
+    """What one token reads of a matrix: its CSR arrays where the kernel runs at one token, else the matrix."""
+    return kernel.bytes_at_one_token(weight) if kernel is not None else tensor_bytes(weight)
+
+
+def mean_expert_bytes(kernels: list | None, weights: torch.Tensor) -> float:
+    """Mean over a stack of expert matrices of what one token reads of its expert."""
+    kernels = kernels or [None] * weights.shape[0]
+    return sum(matrix_bytes_at_one_token(k, w) for k, w in zip(kernels, weights)) / weights.shape[0]
+
+
+def csr_copies(weights: torch.Tensor, context: AccelerateContext) -> list:
+    """One CSR copy per matrix of a stack where the kernel has a chance, else None."""
+    return [prepare_csr(w, context) if csr_candidate(w) else None for w in weights]
 
 
 def clear_router_memos(model: nn.Module) -> None:
@@ -104,18 +135,15 @@ class ExpertLinearKind(LayerKind):
     def flops_per_token(self, module: ExpertLinear) -> float:
         """Each token runs exactly one expert: the mean over experts of its non-zero multiply-adds (the
         router is costed by its own kind)."""
-        return sum(nonzero_flops(w) for w in module.weight) / module.experts
+        return mean_nonzero_flops(module.weight)
 
     def bytes_per_token(self, module: ExpertLinear) -> float:
-        kernels = module.expert_kernels or [None] * module.experts
-        per_expert = [k.bytes_at_one_token(w) if k is not None else tensor_bytes(w)
-                      for k, w in zip(kernels, module.weight)]
-        return sum(per_expert) / module.experts + tensor_bytes(module.bias)
+        return mean_expert_bytes(module.expert_kernels, module.weight) + tensor_bytes(module.bias)
 
     def accelerate(self, module: ExpertLinear, context: AccelerateContext) -> ExpertLinear:
         if context.mode == "off" or not context.cpu_kernels:
             return module
-        module.expert_kernels = [prepare_csr(w, context) if csr_candidate(w) else None for w in module.weight]
+        module.expert_kernels = csr_copies(module.weight, context)
         return module
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers.protocol import kind_of, linear_weight, unique_tensor_bytes
+from ..layers.protocol import kind_of, unique_tensor_bytes
 from .discovery import ModelLayout
 
 
@@ -22,7 +22,8 @@ def ffn_costs(model: nn.Module, layout: ModelLayout) -> dict:
             module = block.get_submodule(lin.name)
             dense += 2 * lin.in_features * lin.out_features
             sparse += kind_of(module).flops_per_token(module)
-            ffn_params += linear_weight(module).numel()
+            # What is stored (not the materialised expert matrices of a selective layer): weights, no bias.
+            ffn_params += sum(p.numel() for name, p in module.named_parameters(recurse=False) if name != "bias")
         for module in block.modules():
             kind = kind_of(module)
             if kind is not None and kind.router:

@@ -39,11 +39,19 @@ class PruneReport:
 
 
 def _prune_linear(name: str, module: nn.Module, method: PruningMethod, statistic, spec: SparsitySpec,
-                  options: PruneOptions, report: PruneReport, compute_device: torch.device) -> None:
+                  options: PruneOptions, report: PruneReport, compute_device: torch.device,
+                  rows: torch.Tensor | None = None) -> None:
     weight = linear_weight(module).detach().to(compute_device)
-    pruned = method.prune(weight, statistic, spec, options)
+    if rows is None:
+        pruned = method.prune(weight, statistic, spec, options)
+    else:
+        # Only these output rows (neurons), pruned as one matrix of their own; the others stay as they are.
+        rows = rows.to(compute_device)
+        pruned = weight.clone()
+        pruned[rows] = method.prune(weight[rows], statistic, spec, options)
+        weight = weight[rows]
     set_linear_weight(module, pruned)
-    zeros = int((linear_weight(module) == 0).sum())
+    zeros = int((linear_weight(module) == 0).sum()) if rows is None else int((pruned[rows] == 0).sum())
     numel = weight.numel()
     report.layers[name] = {"shape": list(weight.shape), "zeros": zeros, "numel": numel, "sparsity": zeros / numel}
 
@@ -52,9 +60,10 @@ class PruneStep(Step):
     """observe: one statistic per group of linears that read the same input; modify: prune each linear."""
 
     def __init__(self, layout: ModelLayout, method: PruningMethod, spec: SparsitySpec, scope: str,
-                 options: PruneOptions, device: torch.device, report: PruneReport):
+                 options: PruneOptions, device: torch.device, report: PruneReport,
+                 rows: dict[str, torch.Tensor] | None = None):
         self.layout, self.method, self.spec, self.scope = layout, method, spec, scope
-        self.options, self.device, self.report = options, device, report
+        self.options, self.device, self.report, self.rows = options, device, report, rows
         self.groups = layout.input_groups(scope)
 
     def observe(self, index: int, block: nn.Module) -> dict[str, Watch]:
@@ -67,17 +76,23 @@ class PruneStep(Step):
     def modify(self, index: int, block: nn.Module, statistics: dict[str, object]) -> None:
         for group, names in self.groups.items():
             for name in names:
-                _prune_linear(f"{self.layout.blocks_path}.{index}.{name}", block.get_submodule(name), self.method,
-                              statistics[group], self.spec, self.options, self.report, self.device)
+                path = f"{self.layout.blocks_path}.{index}.{name}"
+                if self.rows is not None and path not in self.rows:
+                    continue
+                _prune_linear(path, block.get_submodule(name), self.method, statistics[group], self.spec,
+                              self.options, self.report, self.device,
+                              None if self.rows is None else self.rows[path])
 
 
 def prune_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor | None, method: PruningMethod,
                 spec: SparsitySpec, scope: str = "ffn", options: PruneOptions | None = None,
                 device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = True,
-                engine_options: dict | None = None) -> PruneReport:
+                engine_options: dict | None = None, rows: dict[str, torch.Tensor] | None = None) -> PruneReport:
     """Prune the selected linears of every block in place and report the measured sparsity per layer.
 
-    `engine_options` go to `SequentialCalibration.run` (reduce, after_block, stop_after).
+    `engine_options` go to `SequentialCalibration.run` (reduce, after_block, stop_after). `rows` (layer path
+    -> output row indices) prunes only those rows of those layers (the neuron ablation); the layers'
+    reported sparsity is then that of the pruned rows.
     """
     options = options or PruneOptions()
     device = torch.device(device)
@@ -92,12 +107,17 @@ def prune_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor | N
         # Data-free (magnitude): no calibration pass needed.
         for index in tqdm(range(len(layout.blocks)), desc=method.name, disable=not progress, leave=False):
             for name, module in layout.modules(index, scope).items():
-                _prune_linear(f"{prefix}.{index}.{name}", module, method, None, spec, options, report, device)
+                path = f"{prefix}.{index}.{name}"
+                if rows is not None and path not in rows:
+                    continue
+                _prune_linear(path, module, method, None, spec, options, report, device,
+                              None if rows is None else rows[path])
         report.seconds = time.perf_counter() - start
         return report
 
     engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=progress,
                                    desc=method.name)
-    engine.run(windows, PruneStep(layout, method, spec, scope, options, device, report), **(engine_options or {}))
+    engine.run(windows, PruneStep(layout, method, spec, scope, options, device, report, rows),
+               **(engine_options or {}))
     report.seconds = time.perf_counter() - start
     return report

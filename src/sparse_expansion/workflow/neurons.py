@@ -1,0 +1,279 @@
+"""The `neurons` job: the entanglement analysis of a dense model, its sparsification ablation, and the
+disentanglement by a saved Sparse Expansion model. Everything goes to one output directory, written
+atomically (a failed or interrupted run leaves nothing behind)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..analysis import ablation, disentangle, plots, records
+from ..analysis.neurons import analyze_neurons, walk_ffn_inputs
+from ..errors import UsageError
+from ..io import atomic_output_dir, atomic_write_text
+from ..io.model_dir import read_manifest
+from ..models import discover, load_model
+from ..pruning import PruneOptions, SparsitySpec, get_method, prune_model
+from ..runtime import release_memory
+from .jobs import evaluate
+from .session import Session
+
+ABLATION_SPARSITIES = (0.9, 0.95, 0.99)
+SWEEP_EXPERTS = (1, 2, 4, 8, 16)
+
+
+@dataclass
+class NeuronOptions:
+    layers: list[int] | None = None  # block indices; None: every block
+    top_percent: float = 3.0  # the "Wasserstein neurons": this top percent of each layer by WD
+    pairs: int | None = None  # token pairs for mapping difficulty (None: every token in one disjoint pair)
+    seed: int = 0
+    plots: bool = True
+    ablate: bool = False
+    ablate_sparsities: tuple[float, ...] = ABLATION_SPARSITIES
+    criteria: tuple[str, ...] = ablation.CRITERIA
+    expanded: str | None = None  # a saved Sparse Expansion model directory
+    sweep_experts: tuple[int, ...] = SWEEP_EXPERTS
+    _manifest: dict | None = field(default=None, repr=False)
+
+    def validate(self) -> None:
+        """Checks that need no model."""
+        if not 0 < self.top_percent <= 100:
+            raise UsageError(f"--top-percent must be in (0, 100], got {self.top_percent:g}")
+        if self.pairs is not None and self.pairs < 1:
+            raise UsageError(f"--pairs must be at least 1, got {self.pairs}")
+        if self.layers is not None and not self.layers:
+            raise UsageError("--layers is empty")
+        for value in self.ablate_sparsities:
+            if not 0 <= value < 1:
+                raise UsageError(f"ablation sparsity must be in [0, 1), got {value:g}")
+        for criterion in self.criteria:
+            if criterion not in ablation.CRITERIA:
+                raise UsageError(f"unknown criterion {criterion!r}; choose from {', '.join(ablation.CRITERIA)}")
+        if any(k < 1 for k in self.sweep_experts):
+            raise UsageError("--sweep-experts must be positive integers")
+        if self.expanded is not None:
+            self._manifest = expanded_manifest(self.expanded)
+
+    def blocks(self, count: int) -> list[int]:
+        if self.layers is None:
+            return list(range(count))
+        bad = [i for i in self.layers if not 0 <= i < count]
+        if bad:
+            raise UsageError(f"--layers {bad[0]} is out of range: the model has {count} blocks (0..{count - 1})")
+        return sorted(set(self.layers))
+
+
+def expanded_manifest(path: str) -> dict:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise UsageError(f"--expanded {path}: not a directory")
+    manifest = read_manifest(directory)
+    if manifest is None or manifest.get("method") != "sparse-expansion":
+        raise UsageError(f"--expanded {path}: not a Sparse Expansion model directory (written by `expand`)")
+    return manifest
+
+
+def run_neurons(session: Session, out: str, options: NeuronOptions, overwrite: bool = False) -> dict:
+    """Measure, write and (optionally) ablate and compare with an expanded model; returns the summary."""
+    options.validate()
+    blocks = options.blocks(len(session.layout.blocks))
+    windows = session.calibration()
+    s = session.settings
+    with atomic_output_dir(out, overwrite) as tmp:
+        layer_dir = tmp / "layers"
+        layer_dir.mkdir()
+        measured, rows = [], []
+
+        def on_layer(layer) -> None:
+            rows.append(records.write_layer(layer_dir, layer))
+            if options.plots:
+                plots.layer_figure(layer, layer_dir / f"{records.layer_stem(layer)}.png")
+            layer.examples = {}  # the sample outputs are only for the figure
+            measured.append(layer)
+            release_memory()
+
+        analyze_neurons(session.model, session.layout, windows, blocks, on_layer, options.top_percent, options.pairs,
+                        options.seed, s.device, s.batch_size, progress=not s.quiet)
+        summary = {"model": session.loaded.source, "settings": session.settings.describe(),
+                   "data": session.data_summary(), "blocks": blocks, "top_percent": options.top_percent,
+                   "calib_tokens": int(windows.numel()), "layers": [_short(r) for r in rows]}
+        if options.plots:
+            plots.summary_figure(rows, tmp / "summary.png")
+        if options.ablate:
+            summary["ablation"] = run_ablation(session, measured, options, tmp)
+        if options.expanded:
+            summary["disentanglement"] = run_disentanglement(session, blocks, options, tmp)
+        records.write_json(tmp / "summary.json", summary)
+    return summary
+
+
+def _short(row: dict) -> dict:
+    keep = ("layer", "block", "name", "role", "neurons", "tokens", "wd", "md", "spearman_wd_md", "undefined_neurons")
+    return {k: row[k] for k in keep}
+
+
+# -- ablation ----------------------------------------------------------------------------------------------
+
+def run_ablation(session: Session, layers: list, options: NeuronOptions, out: Path) -> list[dict]:
+    s = session.settings
+    windows = session.calibration()
+    roles = {layer.path: layer.role for layer in layers}
+    dense = evaluate(session, session.model, desc="dense")
+    results = [{"variant": "dense", "criterion": None, "sparsity": 0.0, "ppl": dense["ppl"],
+                "eval_tokens": dense["eval_tokens"]}]
+    wasserstein = ablation.select_rows(layers, "wasserstein", options.top_percent, options.seed)
+    method = get_method("sparsegpt")
+    jobs = [(c, p) for c in options.criteria for p in (*options.ablate_sparsities, None)]
+    for criterion, sparsity in tqdm(jobs, desc="ablation", disable=s.quiet):
+        rows = ablation.select_rows(layers, criterion, options.top_percent, options.seed)
+        overlap = _overlap(rows, wasserstein)
+        selected = sum(r.numel() for r in rows.values())
+        if sparsity is None:
+            inputs = {path: r for path, r in rows.items() if roles[path] == "ffn_in"}
+            with ablation.zero_negative_preactivations(session.model, inputs):
+                result = evaluate(session, session.model, desc=f"{criterion} negative")
+            results.append({"variant": "zero-negative", "criterion": criterion, "sparsity": None,
+                            "ppl": result["ppl"], "eval_tokens": result["eval_tokens"], "neurons": selected,
+                            "overlap_with_wasserstein": overlap})
+            continue
+        model = copy.deepcopy(session.model)
+        report = prune_model(model, discover(model), windows, method, SparsitySpec.create(sparsity=sparsity),
+                             options=PruneOptions(), device=s.device, batch_size=s.batch_size, progress=False,
+                             rows=rows)
+        result = evaluate(session, model, desc=f"{criterion} {sparsity:g}")
+        del model
+        results.append({"variant": "sparsegpt-rows", "criterion": criterion, "sparsity": sparsity,
+                        "ppl": result["ppl"], "eval_tokens": result["eval_tokens"], "neurons": selected,
+                        "measured_row_sparsity": report.overall_sparsity(), "overlap_with_wasserstein": overlap})
+    records.write_json(out / "ablation.json", {"top_percent": options.top_percent, "results": results})
+    atomic_write_text(out / "ablation.md", ablation_table(results, options.top_percent))
+    if options.plots:
+        plots.ablation_figure(results, out / "ablation.png")
+    return results
+
+
+def _overlap(rows: dict, reference: dict) -> float:
+    shared = sum(len(set(rows[p].tolist()) & set(reference[p].tolist())) for p in rows)
+    return shared / max(1, sum(r.numel() for r in rows.values()))
+
+
+def ablation_table(results: list[dict], top_percent: float) -> str:
+    dense = results[0]["ppl"]
+    lines = [f"Perplexity with the top {top_percent:g}% of each FFN linear's neurons, chosen by each criterion, "
+             f"sparsified (dense: {dense:.3f}).", "",
+             "| criterion | variant | sparsity of the selected rows | perplexity | x dense | overlap with WD choice |",
+             "|---|---|---|---|---|---|"]
+    for r in results[1:]:
+        sparsity = "-" if r["sparsity"] is None else f"{r['sparsity']:.0%}"
+        variant = "negative pre-activations zeroed" if r["variant"] == "zero-negative" else "SparseGPT on the rows"
+        lines.append(f"| {r['criterion']} | {variant} | {sparsity} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | "
+                     f"{r['overlap_with_wasserstein']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- disentanglement ---------------------------------------------------------------------------------------
+
+def run_disentanglement(session: Session, blocks: list[int], options: NeuronOptions, out: Path) -> dict:
+    s = session.settings
+    loaded = load_model(options.expanded, dtype=s.dtype, device="cpu", trust_remote_code=s.trust_remote_code,
+                        quiet=True)
+    expanded = loaded.model
+    layout = discover(expanded)
+    if len(layout.blocks) != len(session.layout.blocks) or layout.blocks_path != session.layout.blocks_path:
+        raise UsageError(f"--expanded {options.expanded}: its blocks do not match the model's "
+                         f"({len(layout.blocks)} against {len(session.layout.blocks)})")
+    figure_dir = out / "disentanglement"
+    figure_dir.mkdir()
+    per_layer, pooled = [], {key: [] for key in ("wd_dense", "wd_weighted", "md_dense", "md_weighted", "selected")}
+
+    def on_layer(index, name, role, module, inputs) -> None:
+        path = f"{session.layout.blocks_path}.{index}.{name}"
+        router = getattr(expanded.get_submodule(path), "router", None)
+        if router is None:
+            raise UsageError(f"--expanded {options.expanded}: {path} is not an expert layer")
+        result = disentangle.layer_disentanglement(module, router, inputs, options.top_percent, options.seed)
+        selected = torch.zeros_like(result["wd_dense"], dtype=torch.bool)
+        selected[result["wasserstein_neurons"]] = True
+        for key in ("wd_dense", "wd_weighted", "md_dense", "md_weighted"):
+            pooled[key].append(result[key])
+        pooled["selected"].append(selected)
+        rows = result["wasserstein_neurons"]
+        per_layer.append({"layer": path, "block": index, "name": name, "cluster_sizes": result["cluster_sizes"],
+                          "wd_wasserstein_neurons": disentangle.change_summary(result["wd_dense"],
+                                                                                result["wd_weighted"], rows),
+                          "wd_all_neurons": disentangle.change_summary(result["wd_dense"], result["wd_weighted"]),
+                          "md_wasserstein_neurons": disentangle.change_summary(result["md_dense"],
+                                                                                result["md_weighted"], rows),
+                          "md_all_neurons": disentangle.change_summary(result["md_dense"], result["md_weighted"])})
+        if options.plots:
+            plots.disentanglement_figure(result["wd_dense"].numpy(), result["wd_weighted"].numpy(),
+                                         selected.numpy(), result["md_dense"].numpy(), result["md_weighted"].numpy(),
+                                         figure_dir / f"{index:03d}.{name}.png", path)
+        release_memory()
+
+    walk_ffn_inputs(session.model, session.layout, session.calibration(), blocks, on_layer, s.device, s.batch_size,
+                    progress=not s.quiet, desc="disentanglement")
+    cat = {key: torch.cat(values) for key, values in pooled.items()}
+    result = {"expanded": options.expanded, "experts": options._manifest.get("experts"),
+              "sparsity": options._manifest.get("sparsity"),
+              "wd_wasserstein_neurons": disentangle.change_summary(cat["wd_dense"], cat["wd_weighted"],
+                                                                   cat["selected"]),
+              "wd_all_neurons": disentangle.change_summary(cat["wd_dense"], cat["wd_weighted"]),
+              "md_wasserstein_neurons": disentangle.change_summary(cat["md_dense"], cat["md_weighted"],
+                                                                   cat["selected"]),
+              "md_all_neurons": disentangle.change_summary(cat["md_dense"], cat["md_weighted"]),
+              "layers": per_layer}
+    if options.sweep_experts:
+        result["expert_sweep"] = run_expert_sweep(session, blocks, options, figure_dir)
+    records.write_json(out / "disentanglement.json", result)
+    return {k: v for k, v in result.items() if k != "layers"}
+
+
+def run_expert_sweep(session: Session, blocks: list[int], options: NeuronOptions, out: Path) -> dict:
+    """One neuron (the highest WD of the first FFN input linear of the first analysed block after block 0, as
+    in the paper's second FFN): its dense outputs against its sparse outputs with 1, 2, 4, ... experts."""
+    from scipy.stats import wasserstein_distance
+
+    from ..analysis.wasserstein import wasserstein_to_gaussian
+    from ..expansion import ExpansionConfig, expand_linear
+
+    manifest = options._manifest
+    sparsity = manifest.get("sparsity")
+    spec = SparsitySpec.create(sparsity=sparsity) if sparsity is not None else SparsitySpec.create(nm=manifest["nm"])
+    index = blocks[1] if len(blocks) > 1 else blocks[0]
+    name = session.layout.input_groups("ffn").get("in", next(iter(session.layout.input_groups("ffn").values())))[0]
+    path = f"{session.layout.blocks_path}.{index}.{name}"
+    captured = {}
+
+    def on_layer(i, layer_name, role, module, inputs) -> None:
+        if layer_name == name:
+            captured["module"], captured["inputs"] = module, inputs.clone()
+
+    s = session.settings
+    walk_ffn_inputs(session.model, session.layout, session.calibration(), [index], on_layer, s.device, s.batch_size,
+                    progress=False)
+    module, inputs = captured["module"], captured["inputs"]
+    from ..analysis.neurons import layer_outputs
+
+    dense = layer_outputs(module, inputs)
+    neuron = int(torch.nan_to_num(wasserstein_to_gaussian(dense), nan=-math.inf).argmax())
+    sparse, distances = {}, {}
+    for experts in options.sweep_experts:
+        config = ExpansionConfig(experts=experts, pca_reduction=manifest.get("pca_reduction", 32),
+                                 seed=options.seed, method=manifest.get("expert_method", "sparsegpt"))
+        router, weights, bias = expand_linear(module, inputs, spec, config, PruneOptions())
+        labels = router.assign(inputs)
+        row = weights[:, neuron, :][labels]  # each token's expert row
+        values = (row * inputs.float()).sum(1) + (0 if bias is None else bias[neuron].float())
+        sparse[experts] = values.detach().cpu()
+        distances[experts] = float(wasserstein_distance(dense[:, neuron].double().numpy(), values.double().numpy()))
+    if options.plots:
+        plots.expert_sweep_figure(dense[:, neuron].cpu(), sparse, distances, out / "expert_sweep.png",
+                                  f"{path}, neuron {neuron}, {spec.label}")
+    return {"layer": path, "neuron": neuron, "sparsity": spec.label, "w1_to_dense": distances}
