@@ -242,3 +242,13 @@ def test_neurons_bad_input(extra, message, llama_dir, corpus_dir, tmp_path, caps
     assert code != 0
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_gaussian_floor_shrinks_with_the_sample():
+    """Gaussian outputs still show a WD at finite token counts; the floor the report draws falls like 1/sqrt(n)."""
+    from sparse_expansion.analysis.disentangle import gaussian_floor
+
+    small, large = gaussian_floor([256]), gaussian_floor([4096])
+    assert 0.03 < small < 0.07 and 0.008 < large < 0.018
+    assert small / large == pytest.approx(4.0, rel=0.25)
+    assert gaussian_floor([256, 4096]) == pytest.approx((256 * small + 4096 * large) / 4352, rel=1e-9)

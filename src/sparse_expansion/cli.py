@@ -1,4 +1,4 @@
-"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,lm-eval,compare,bench,neurons}`."""
+"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,lm-eval,compare,bench,neurons,activations}`."""
 
 from __future__ import annotations
 
@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows", type=int, default=11008)
     bench.add_argument("--cols", type=int, default=4096)
     bench.add_argument("--sparsity", type=float, default=0.7)
+    bench.add_argument("--activation-sparsity", type=float, default=None,
+                       help="--kernel: a thresholded down projection (--rows outputs, --cols neurons) with this "
+                            "fraction of its inputs below threshold, instead of a pruned weight")
     bench.add_argument("--batch", type=int, default=128, help="tokens in the batched case (default 128)")
     bench.add_argument("--device", default="cpu",
                        help="--kernel on cuda: dense against 2:4 semi-structured fp16 products (needs a GPU)")
@@ -194,6 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --expanded: one neuron's sparse outputs with these numbers of experts "
                               "(default 1,2,4,8,16; empty: none)")
     _add_data_options(neurons)
+
+    act = sub.add_parser("activations", help="activation sparsity: per-layer CETT thresholds and the PPL-p%% "
+                                             "activation ratio (Sparsing Law)")
+    act.add_argument("--ppl-increase", type=float, default=0.01,
+                     help="perplexity rise over dense that sets the CETT (default 0.01: PPL-1%%)")
+    act.add_argument("--max-tokens", type=int, default=4096,
+                     help="calibration tokens per layer used to find its threshold (default 4096)")
+    act.add_argument("--json", default=None, help="write the result as JSON")
+    act.add_argument("--baselines", action="store_true",
+                     help="also sweep perplexity against activation ratio for CETT, top-k per layer, one global "
+                          "threshold (FAT-epsilon) and exact zeros (a plot next to --json)")
+    act.add_argument("--out", default=None,
+                     help="save the model with its thresholds (eval, generate, bench and lm-eval then run it sparse)")
+    act.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    act.add_argument("--format", choices=("auto", "compressed", "dense"), default="auto",
+                     help="weights of the saved model (as for prune)")
+    _add_data_options(act)
 
     cmp_ = sub.add_parser("compare", help="several methods on the same calibration and test windows")
     cmp_.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt",
@@ -370,6 +390,18 @@ def cmd_bench(args) -> int:
                   f"disk {r['disk_bytes'] or 0:,} bytes, parameters {r['parameter_bytes']:,} bytes")
         print(f"speedup: prefill {result['prefill_speedup']:.2f}x, decode {result['decode_speedup']:.2f}x; "
               f"peak RSS {result['peak_rss_mb']:.0f} MB (both models)")
+    elif args.activation_sparsity is not None:
+        from .bench.kernel import activation_benchmark
+
+        result = activation_benchmark(args.rows, args.cols, args.activation_sparsity, batch=args.batch)
+        for label in ("single", "batched"):
+            t = result[label]
+            tokens = 1 if label == "single" else args.batch
+            print(f"{args.rows}x{args.cols} at {args.activation_sparsity:.0%} activation sparsity, {tokens} token(s): "
+                  f"dense {t['dense_ms']:.3f} ms, masked dense {t['masked_dense_ms']:.3f} ms, kernel "
+                  f"{t['kernel_ms']:.3f} ms, layer {t['layer_ms']:.3f} ms, speedup {t['speedup']:.2f}x "
+                  f"(memory-bound limit: dense {t['dense_limit_ms']:.3f} ms, kernel {t['kernel_limit_ms']:.3f} ms "
+                  f"at {result['bandwidth_gbs']:.1f} GB/s)")
     elif args.device.startswith("cuda"):
         from .bench.kernel import semi_structured_benchmark
 
@@ -474,6 +506,42 @@ def cmd_neurons(args) -> int:
     return 0
 
 
+def cmd_activations(args) -> int:
+    from . import workflow
+    from .io import atomic_write_text, check_output_path
+    from .workflow.activations import run_activations
+
+    if not args.ppl_increase > 0:
+        raise UsageError(f"--ppl-increase must be positive, got {args.ppl_increase:g}")
+    if args.json:
+        check_output_path(args.json, overwrite=True)
+    if args.out:
+        check_output_path(args.out, args.overwrite)
+    session = workflow.open_session(_settings(args))
+    result = run_activations(session, args.ppl_increase, args.max_tokens, install=bool(args.out),
+                             baselines=args.baselines)
+    print(f"PPL-{args.ppl_increase:.1%} activation ratio {result['activation_ratio']:.4f} (sparsity "
+          f"{result['sparsity']:.4f}) at CETT {result['cett']:.4f}: perplexity {result['sparse_ppl']:.4f} against "
+          f"dense {result['dense_ppl']:.4f} ({result['ppl_ratio']:.4f}x) on {result['eval_tokens']} tokens")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        if result["curves"]:
+            from .activation.plots import curves_figure
+
+            figure = os.path.splitext(args.json)[0] + ".png"
+            curves_figure(result["curves"], result["dense_ppl"], figure, session.loaded.source.split(" (")[0])
+            print(f"curves: {figure}")
+    if args.out:
+        from .io import save_model_dir
+
+        record = {k: v for k, v in result.items() if k not in ("model", "settings", "data")}
+        save_model_dir(session.model, session.tokenizer, args.out,
+                       workflow.manifest(session, "activations", extra={"activation_sparsity": record}),
+                       weight_format=args.format, overwrite=args.overwrite)
+        print(f"model with thresholds -> {args.out}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from . import workflow
     from .io import atomic_write_text, check_output_path
@@ -506,7 +574,7 @@ def cmd_compare(args) -> int:
 
 COMMANDS = {"prune": cmd_prune, "expand": cmd_expand, "generate": cmd_generate, "eval": cmd_eval,
             "lm-eval": cmd_lm_eval, "compare": cmd_compare, "bench": cmd_bench,
-            "neurons": cmd_neurons}
+            "neurons": cmd_neurons, "activations": cmd_activations}
 
 
 def main(argv: list[str] | None = None) -> int:

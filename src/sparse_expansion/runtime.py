@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 from pathlib import Path
 
@@ -50,26 +53,23 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def release_memory() -> None:
-    """Hand freed heap memory back to the system (glibc's malloc_trim; nothing elsewhere).
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; nothing elsewhere).
 
-    Long loops that allocate and free large tensors between small Python objects leave the heap fragmented:
-    glibc serves tensors of up to 32 MiB from the heap once one has been freed, and the holes stay resident.
-    Measured on the neuron analysis of the embedded model: peak RSS grew by about 70 MB per block without
-    this, and stayed flat with it (docs/BENCHMARKS.md, issue 9).
+    Loops that allocate and free many multi-MB tensors between small Python objects leave glibc's heap
+    holding freed memory. Measured: converting the experts of a 16-expert SmolLM2 model left 3 to 6 GB
+    there; the neuron analysis of the embedded model grew by about 70 MB per block without a trim per
+    layer and stayed flat with it (docs/BENCHMARKS.md, issue 9).
     """
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - only glibc has it
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

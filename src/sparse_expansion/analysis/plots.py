@@ -97,8 +97,10 @@ def ablation_figure(rows: list[dict], path: Path) -> None:
 
 
 def disentanglement_figure(wd_dense: np.ndarray, wd_weighted: np.ndarray, selected: np.ndarray,
-                           md_dense: np.ndarray, md_weighted: np.ndarray, path: Path, title: str) -> None:
-    """Dense against cluster-weighted WD and MD per neuron (Wasserstein neurons highlighted)."""
+                           md_dense: np.ndarray, md_weighted: np.ndarray, path: Path, title: str,
+                           floor: dict | None = None) -> None:
+    """Dense against cluster-weighted WD and MD per neuron (Wasserstein neurons highlighted), with the WD that
+    Gaussian outputs would show at these token counts (the finite-sample floor)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, dense, weighted, label in ((axes[0], wd_dense, wd_weighted, "WD"),
                                        (axes[1], md_dense, md_weighted, "mapping difficulty")):
@@ -108,6 +110,9 @@ def disentanglement_figure(wd_dense: np.ndarray, wd_weighted: np.ndarray, select
         ax.scatter(dense[ok & selected], weighted[ok & selected], s=8, color="tab:red", label="Wasserstein neurons")
         top = max(float(dense[ok].max(initial=0)), float(weighted[ok].max(initial=0)))
         ax.plot([0, top], [0, top], color="black", lw=0.8)
+        if floor is not None and label == "WD":
+            ax.axhline(floor["weighted"], color="tab:gray", ls="--", lw=0.8, label="Gaussian floor, clusters")
+            ax.axvline(floor["dense"], color="tab:gray", ls=":", lw=0.8, label="Gaussian floor, all tokens")
         ax.set(xlabel=f"dense {label}", ylabel=f"cluster-weighted {label}", title=f"{title}: {label}")
         ax.legend(fontsize=8)
     _save(fig, path)

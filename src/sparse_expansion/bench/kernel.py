@@ -143,3 +143,55 @@ def semi_structured_benchmark(rows: int, cols: int, batch: int = 128, dtype: tor
                               cols, sizes, device="cuda", dtype=dtype)
     result["layer_uses_semi_structured_at"] = [t for t, faster, _, _ in measured if faster]
     return result
+
+
+def activation_benchmark(rows: int, cols: int, activation_sparsity: float, batch: int = 16,
+                         min_run_time: float = 0.5, seed: int = 0) -> dict:
+    """A thresholded down projection (`rows` outputs, `cols` intermediate neurons) on inputs where a fraction
+    `activation_sparsity` falls below its neuron's threshold: the dense product of the masked input against
+    the activation-sparse kernel and the layer (kernel or dense, as its switch measured), at 1 and `batch`
+    tokens, with the memory-bound limit (the bytes of the rows read)."""
+    from ..layers import ThresholdedLinear
+    from ..layers.protocol import AccelerateContext, kind_of
+    from ..layers.thresholded_linear import mask_below
+
+    if rows < 1 or cols < 1 or batch < 1:
+        raise UsageError("--rows, --cols and --batch must be positive")
+    if not 0.0 <= activation_sparsity < 1.0:
+        raise UsageError(f"--activation-sparsity must be in [0, 1), got {activation_sparsity}")
+    if not native.available():
+        raise UsageError(f"the activation-sparse kernel is unavailable: {native.unavailable_reason()}")
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(cols, rows, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(rows, cols, generator=generator))
+    thresholds = torch.ones(cols)
+    layer = ThresholdedLinear(linear, thresholds, 1 - activation_sparsity)
+    kind_of(layer).accelerate(layer, AccelerateContext(switches=SwitchCache(batch_sizes=tuple(sorted({1, batch}))),
+                                                       cpu_kernels=True))
+    dense_layer = nn.Linear(cols, rows, bias=False)
+    dense_layer.weight = linear.weight
+    result = {"rows": rows, "cols": cols, "activation_sparsity": activation_sparsity, "batch": batch,
+              "threads": torch.get_num_threads(), "bandwidth_gbs": read_bandwidth_gbs()}
+    for label, tokens in (("single", 1), ("batched", batch)):
+        passing = torch.rand(tokens, cols, generator=generator) >= activation_sparsity
+        x = torch.where(passing, 2.0, 0.5) * torch.sign(torch.randn(tokens, cols, generator=generator))
+        active = passing.sum(1).double().mean().item()
+        union = passing.any(0).sum().item()
+        with torch.no_grad():
+            expected = F.linear(mask_below(x, thresholds), linear.weight)
+            if not torch.allclose(layer.kernel.matmul(x), expected, rtol=1e-4, atol=1e-3):
+                raise RuntimeError("the activation-sparse kernel disagrees with the dense product")
+            medians = paired_medians_ms({"dense": lambda: dense_layer(x),
+                                         "masked_dense": lambda: F.linear(mask_below(x, thresholds), linear.weight),
+                                         "kernel": lambda: layer.kernel.matmul(x), "layer": lambda: layer(x)},
+                                        min_run_time)
+        timings = {f"{name}_ms": ms for name, ms in medians.items()}
+        timings.update(active_neurons=active, rows_read=union, layer_uses_kernel=layer.kernel.use_fast(tokens),
+                       speedup=timings["dense_ms"] / timings["layer_ms"],
+                       kernel_speedup=timings["dense_ms"] / timings["kernel_ms"])
+        timings["dense_limit_ms"] = 4 * (rows * cols + tokens * (rows + cols)) / result["bandwidth_gbs"] / 1e6
+        timings["kernel_limit_ms"] = 4 * (rows * union + tokens * (rows + cols)) / result["bandwidth_gbs"] / 1e6
+        result[label] = timings
+    result["speedup"] = result["single"]["speedup"]
+    return result

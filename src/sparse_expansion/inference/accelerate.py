@@ -7,44 +7,24 @@ only for the shapes and token counts where it measured faster than dense (layers
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
 
 import torch
 from torch import nn
 
 from ..kernels import native
-from ..layers import ExpertLinear, SelectiveExpertLinear, SparseLinear
+from ..layers import SparseLinear
+from ..layers.expert_linear import RoutedExperts
 from ..layers.protocol import AccelerateContext, kind_of
 from ..layers.switch import ALWAYS, SwitchCache
 from ..models.discovery import discover
+from ..runtime import release_memory
 
 log = logging.getLogger(__name__)
 
 # auto: each layer takes the faster path as measured; always: the accelerated path at every size (for
 # checks); off: dense products only.
 KERNEL_MODES = ("auto", "always", "off")
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise).
-
-    Converting thousands of expert matrices churns through many multi-MB temporaries; measured on a
-    16-expert SmolLM2 model, glibc's heap then held 3 to 6 GB of freed memory.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 @torch.no_grad()
@@ -73,7 +53,7 @@ def accelerate(model: nn.Module, mode: str = "auto", cache: SwitchCache | None =
             if not name or kind is None or not kind.linear:
                 continue
             new = kind.accelerate(module, context)
-            if isinstance(module, (ExpertLinear, SelectiveExpertLinear)):
+            if isinstance(module, RoutedExperts):
                 kernels = [getattr(module, "shared_kernel", None), *(module.expert_kernels or [])]
                 report["experts"] += sum(k is not None for k in kernels)
             elif new is not module:
@@ -81,7 +61,7 @@ def accelerate(model: nn.Module, mode: str = "auto", cache: SwitchCache | None =
                 report["layers"] += 1
             else:
                 report["dense_layers"] += 1
-        release_free_memory()
+        release_memory()
     report["switch"] = context.switches.summary()
     log.info("accelerate: %d linear layers and %d expert matrices switched", report["layers"], report["experts"])
     return report

@@ -13,6 +13,8 @@
  * - several tokens: x is transposed into blocks of 16 tokens so that every non-zero weight multiplies
  *   one contiguous 16-float vector; four independent accumulators hide the FMA latency.
  */
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -74,3 +76,38 @@ int csr_matmul_##SUFFIX(int64_t rows, int64_t cols, int64_t batch, const int64_t
 
 DEFINE_KERNELS(u16, uint16_t)
 DEFINE_KERNELS(i32, int32_t)
+
+/* Activation-sparse products for a thresholded FFN down projection: y = mask(x) W^T (+ bias), where
+ * mask(x)_i = x_i if |x_i| >= thr[i], else 0.
+ *
+ * W^T is given as wt (in x out, row-major): the out weights that neuron i feeds are one contiguous row,
+ * so only the rows of active neurons are read. Each thread owns a slice of the outputs and walks the
+ * active neurons; the slice (out / threads floats per token) stays in cache while the rows stream in.
+ * `active` returns, per token, the number of neurons that passed their threshold.
+ */
+void act_sparse_matmul(int64_t in, int64_t out, int64_t batch, const float* wt, const float* x,
+                       const float* thr, const float* bias, float* y, int64_t* active) {
+    for (int64_t b = 0; b < batch; ++b) {
+        int64_t n = 0;
+        for (int64_t i = 0; i < in; ++i) n += fabsf(x[b * in + i]) >= thr[i] && x[b * in + i] != 0.f;
+        active[b] = n;
+    }
+    _Pragma("omp parallel")
+    {
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t per = ((out + threads - 1) / threads + 15) / 16 * 16;  /* 64-byte aligned slices */
+        const int64_t lo = t * per < out ? t * per : out, hi = lo + per < out ? lo + per : out;
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t o = lo; o < hi; ++o) y[b * out + o] = bias ? bias[o] : 0.f;
+        for (int64_t i = 0; i < in; ++i) {
+            const float* row = wt + i * out;
+            for (int64_t b = 0; b < batch; ++b) {
+                const float v = x[b * in + i];
+                if (v == 0.f || fabsf(v) < thr[i]) continue;
+                float* yb = y + b * out;
+                _Pragma("omp simd")
+                for (int64_t o = lo; o < hi; ++o) yb[o] += v * row[o];
+            }
+        }
+    }
+}

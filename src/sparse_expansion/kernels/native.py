@@ -1,4 +1,5 @@
-"""Build, cache and call the CPU sparse kernels in `csr_kernels.c`.
+"""Build, cache and call the CPU sparse kernels in `csr_kernels.c` (weight-sparse CSR products and the
+activation-sparse product of a thresholded down projection).
 
 The C file is compiled at first use with the system C compiler (`$CC`, else Python's own, else `cc`)
 into the user cache (`~/.cache/sparse-expansion/kernels`, or `$SPARSE_EXPANSION_CACHE/kernels`), keyed
@@ -87,6 +88,9 @@ class _Library:
             matmul.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
             matmul.restype = ctypes.c_int
             self.matvec[suffix], self.matmul[suffix] = matvec, matmul
+        self.act_sparse_matmul = lib.act_sparse_matmul
+        self.act_sparse_matmul.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+        self.act_sparse_matmul.restype = None
         self.path = path
 
 

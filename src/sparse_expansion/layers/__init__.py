@@ -1,7 +1,7 @@
 """Layer kinds and the protocol they share (protocol.py). Importing this package registers every kind."""
 
 from . import (expert_linear, linear, router, selective_linear, semi_structured,  # noqa: F401  (registration)
-               sparse_linear)
+               sparse_linear, thresholded_linear)
 from .expert_linear import ROUTERS_ATTR, ExpertLinear, clear_router_memos
 from .protocol import (AccelerateContext, LayerKind, is_linear, kind_named, kind_of, kinds, linear_weight, register,
                        set_linear_weight)
@@ -9,7 +9,8 @@ from .router import Router
 from .selective_linear import SelectiveExpertLinear
 from .sparse_linear import CSRWeight, SparseLinear
 from .switch import SwitchCache
+from .thresholded_linear import ThresholdedLinear
 
 __all__ = ["AccelerateContext", "CSRWeight", "ExpertLinear", "LayerKind", "ROUTERS_ATTR", "Router",
-           "SelectiveExpertLinear", "SparseLinear", "SwitchCache", "clear_router_memos", "is_linear", "kind_named",
-           "kind_of", "kinds", "linear_weight", "register", "set_linear_weight"]
+           "SelectiveExpertLinear", "SparseLinear", "SwitchCache", "ThresholdedLinear", "clear_router_memos",
+           "is_linear", "kind_named", "kind_of", "kinds", "linear_weight", "register", "set_linear_weight"]

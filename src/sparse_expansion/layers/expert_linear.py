@@ -15,17 +15,14 @@ from .sparse_linear import CSRWeight, csr_candidate, prepare_csr, sparse_product
 ROUTERS_ATTR = "sparse_expansion_routers"  # ModuleDict attached to each expanded decoder block
 
 
-class ExpertLinear(nn.Module):
-    """y_t = W_{e(t)} x_t + b, where e(t) is the router's expert for token t.
+class RoutedExperts(nn.Module):
+    """What every layer that sends each token to one of k experts shares: the router, owned by the block (it
+    may be shared, e.g. by gate_proj and up_proj) and only referenced here, and a (k, rows, in_features)
+    stack of expert weights named by `_stack`."""
 
-    `weight` holds the experts as (k, out_features, in_features). The router is owned by the block
-    (it may be shared, e.g. by gate_proj and up_proj) and is only referenced here.
-    """
+    _stack = "weight"
 
-    def __init__(self, router: Router, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    def _attach(self, router: Router) -> None:
         object.__setattr__(self, "_router", router)  # not a submodule: the block owns it
         # Per-expert CSR copies for the CPU sparse kernels (set by `accelerate`); None: dense only.
         self.expert_kernels: list | None = None
@@ -36,11 +33,24 @@ class ExpertLinear(nn.Module):
 
     @property
     def experts(self) -> int:
-        return self.weight.shape[0]
+        return getattr(self, self._stack).shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[2]
+        return getattr(self, self._stack).shape[2]
+
+
+class ExpertLinear(RoutedExperts):
+    """y_t = W_{e(t)} x_t + b, where e(t) is the router's expert for token t.
+
+    `weight` holds the experts as (k, out_features, in_features).
+    """
+
+    def __init__(self, router: Router, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._attach(router)
 
     @property
     def out_features(self) -> int:

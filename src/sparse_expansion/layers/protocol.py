@@ -44,6 +44,11 @@ class LayerKind:
         """(out_features, in_features), or (experts, out_features, in_features) for expert stacks."""
         return module.weight
 
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        """(out_features, in_features), without materialising anything."""
+        out_features, in_features = self.weight(module).shape[-2:]
+        return out_features, in_features
+
     def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
         with torch.no_grad():
             module.weight.copy_(weight.to(module.weight.dtype))
@@ -106,6 +111,11 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as an (out_features, in_features) tensor (a view where the layer stores it transposed);
     (experts, out_features, in_features) for an expert stack."""
     return kind_of(module).weight(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear layer of any kind."""
+    return kind_of(module).shape(module)
 
 
 def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:

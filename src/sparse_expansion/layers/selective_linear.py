@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .expert_linear import (csr_copies, matrix_bytes_at_one_token, mean_expert_bytes, mean_nonzero_flops,
+from .expert_linear import (RoutedExperts, csr_copies, matrix_bytes_at_one_token, mean_expert_bytes, mean_nonzero_flops,
                             routed_products)
 from .linear import nonzero_flops
 from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
@@ -18,7 +18,7 @@ from .router import Router
 from .sparse_linear import csr_candidate, prepare_csr, sparse_product
 
 
-class SelectiveExpertLinear(nn.Module):
+class SelectiveExpertLinear(RoutedExperts):
     """y_t[shared_rows] = W_s x_t + b[shared_rows] and y_t[expert_rows] = W_{e(t)} x_t + b[expert_rows],
     where e(t) is the router's expert for token t.
 
@@ -26,6 +26,8 @@ class SelectiveExpertLinear(nn.Module):
     buffers `shared_rows` and `expert_rows` (int64, disjoint, together 0..out_features-1) say where their
     rows go in the output. The router is owned by the block and only referenced here, as in `ExpertLinear`.
     """
+
+    _stack = "expert_weight"
 
     def __init__(self, router: Router, shared_weight: torch.Tensor, expert_weight: torch.Tensor,
                  shared_rows: torch.Tensor, expert_rows: torch.Tensor, bias: torch.Tensor | None):
@@ -40,22 +42,8 @@ class SelectiveExpertLinear(nn.Module):
         self.register_buffer("shared_rows", shared_rows.to(torch.int64))
         self.register_buffer("expert_rows", expert_rows.to(torch.int64))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        object.__setattr__(self, "_router", router)  # not a submodule: the block owns it
-        # CSR copies for the CPU sparse kernels (set by `accelerate`); None: dense only.
-        self.shared_kernel = None
-        self.expert_kernels: list | None = None
-
-    @property
-    def router(self) -> Router:
-        return self._router
-
-    @property
-    def experts(self) -> int:
-        return self.expert_weight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.expert_weight.shape[2]
+        self._attach(router)
+        self.shared_kernel = None  # the shared rows' CSR copy (set by `accelerate`)
 
     @property
     def selected_features(self) -> int:
@@ -105,6 +93,9 @@ class SelectiveExpertLinearKind(LayerKind):
     def weight(self, module: SelectiveExpertLinear) -> torch.Tensor:
         """(experts, out_features, in_features), materialised (a copy: write back with `set_weight`)."""
         return module.expert_matrices()
+
+    def shape(self, module: SelectiveExpertLinear) -> tuple[int, int]:
+        return module.out_features, module.in_features
 
     def set_weight(self, module: SelectiveExpertLinear, weight: torch.Tensor) -> None:
         """Accepts (out_features, in_features), given to every expert, or (experts, out_features, in_features)

@@ -15,18 +15,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import UsageError
-from ..layers.protocol import is_linear, linear_weight, set_linear_weight
+from ..layers.protocol import is_linear, linear_shape, linear_weight, set_linear_weight
 
 __all__ = ["SCOPES", "BlockLinear", "ModelLayout", "discover", "is_linear", "linear_shape", "linear_weight",
            "set_linear_weight"]
 
 SCOPES = ("ffn", "all")
 _ATTENTION_MARKERS = ("attn", "attention")
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    out_features, in_features = linear_weight(module).shape[-2:]
-    return out_features, in_features
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,6 +206,7 @@ def run_disentanglement(session: Session, blocks: list[int], options: NeuronOpti
         pooled["selected"].append(selected)
         rows = result["wasserstein_neurons"]
         per_layer.append({"layer": path, "block": index, "name": name, "cluster_sizes": result["cluster_sizes"],
+                          "gaussian_floor": result["gaussian_floor"],
                           "wd_wasserstein_neurons": disentangle.change_summary(result["wd_dense"],
                                                                                 result["wd_weighted"], rows),
                           "wd_all_neurons": disentangle.change_summary(result["wd_dense"], result["wd_weighted"]),
@@ -214,7 +216,7 @@ def run_disentanglement(session: Session, blocks: list[int], options: NeuronOpti
         if options.plots:
             plots.disentanglement_figure(result["wd_dense"].numpy(), result["wd_weighted"].numpy(),
                                          selected.numpy(), result["md_dense"].numpy(), result["md_weighted"].numpy(),
-                                         figure_dir / f"{index:03d}.{name}.png", path)
+                                         figure_dir / f"{index:03d}.{name}.png", path, result["gaussian_floor"])
         release_memory()
 
     walk_ffn_inputs(session.model, session.layout, session.calibration(), blocks, on_layer, s.device, s.batch_size,
@@ -228,6 +230,8 @@ def run_disentanglement(session: Session, blocks: list[int], options: NeuronOpti
               "md_wasserstein_neurons": disentangle.change_summary(cat["md_dense"], cat["md_weighted"],
                                                                    cat["selected"]),
               "md_all_neurons": disentangle.change_summary(cat["md_dense"], cat["md_weighted"]),
+              "gaussian_floor_median": {key: statistics.median(layer["gaussian_floor"][key] for layer in per_layer)
+                                        for key in ("dense", "weighted")},
               "layers": per_layer}
     if options.sweep_experts:
         result["expert_sweep"] = run_expert_sweep(session, blocks, options, figure_dir)

@@ -1,0 +1,67 @@
+"""CETT (cumulative errors of tail truncation; Zhang et al. 2024, used by the Sparsing Law paper).
+
+For one FFN with intermediate activation x (tokens, d_f) (act(gate)·up for a gated MLP, act(fc1) otherwise) and
+down projection W (d_out, d_f), neuron i contributes n_i = W[:, i]·x_i to the output, with norm
+|x_i|·||W[:, i]||. For a threshold t the weak neurons are D = {i : |x_i|·||W[:, i]|| < t} and
+
+    CETT(t) = mean over tokens of ||W x_D|| / ||W x||,
+
+the relative error of dropping them (tokens whose output is exactly zero are left out). CETT grows with t, so
+each layer finds by bisection the largest threshold whose CETT stays within a target shared by all layers; at
+inference neuron i is zeroed when |x_i| < t / ||W[:, i]||.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CANDIDATES = 4096  # thresholds tried per layer: quantiles of the contributions
+
+
+def down_column_norms(down_weight: torch.Tensor) -> torch.Tensor:
+    """||W[:, i]|| for every intermediate neuron i of a down projection W (d_out, d_f)."""
+    return torch.linalg.vector_norm(down_weight.detach().float(), dim=0)
+
+
+def contributions(x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """|x_i|·||W[:, i]|| for every token and neuron: x (tokens, d_f) -> (tokens, d_f)."""
+    return x.abs().float() * norms
+
+
+def cett(x: torch.Tensor, down_weight: torch.Tensor, threshold: float, norms: torch.Tensor | None = None,
+         full: torch.Tensor | None = None) -> float:
+    """CETT of dropping the neurons whose contribution is below `threshold`, over the tokens of x. (`norms`
+    and `full`, the per-token ||W x||, may be passed when they are reused.)"""
+    x = x.reshape(-1, x.shape[-1]).float()
+    weight = down_weight.detach().float()
+    norms = down_column_norms(weight) if norms is None else norms
+    weak = contributions(x, norms) < threshold
+    full = torch.linalg.vector_norm(x @ weight.t(), dim=1) if full is None else full
+    tail = torch.linalg.vector_norm((x * weak) @ weight.t(), dim=1)
+    keep = full > 0
+    if not bool(keep.any()):
+        return 0.0
+    return float((tail[keep] / full[keep]).mean())
+
+
+def threshold_for_cett(x: torch.Tensor, down_weight: torch.Tensor, target: float,
+                       candidates: int = CANDIDATES) -> float:
+    """The largest threshold, among quantiles of the contributions, whose CETT is at most `target` (0 when even
+    the smallest one exceeds it: nothing is dropped)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    weight = down_weight.detach().float()
+    norms = down_column_norms(weight)
+    full = torch.linalg.vector_norm(x @ weight.t(), dim=1)
+    values = contributions(x, norms).flatten()
+    if values.numel() > 1 << 24:  # quantile() has a size limit; a seeded subsample is as good for a grid
+        generator = torch.Generator().manual_seed(0)
+        values = values[torch.randint(values.numel(), (1 << 24,), generator=generator).to(values.device)]
+    grid = torch.quantile(values, torch.linspace(0, 1, candidates, device=values.device)).tolist()
+    lo, hi = -1, len(grid) - 1  # invariant: grid[lo] is within the target (lo = -1: none known), grid[hi+1] not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cett(x, weight, grid[mid], norms, full) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return 0.0 if lo < 0 else grid[lo]

@@ -1,0 +1,80 @@
+"""The `activations` job: PPL-p% activation sparsity of a model (dense, pruned or expanded) by CETT."""
+
+from __future__ import annotations
+
+import torch
+
+from ..activation.thresholds import (collect_intermediate, global_threshold_rule, install_thresholds,
+                                     layer_thresholds, masked, neuron_thresholds, nonzero_rule, search_cett,
+                                     thresholded, top_k_rule)
+from ..errors import UsageError
+from .jobs import evaluate
+from .session import Session
+
+
+CETT_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.5)
+RATIO_SWEEP = (0.7, 0.5, 0.3, 0.2, 0.1)  # top-k (k = ratio x d_f per layer) and FAT-epsilon (global quantiles)
+
+
+def run_activations(session: Session, increase: float = 0.01, max_tokens: int = 4096,
+                    iterations: int = 14, install: bool = False, baselines: bool = False) -> dict:
+    """Thresholds from the calibration windows' intermediate activations; the CETT searched so that perplexity on
+    the test windows rises by `increase`; the result measured with those thresholds applied. With `install`, the
+    model's down projections become `ThresholdedLinear` layers with the chosen thresholds (for saving)."""
+    if not increase > 0:
+        raise UsageError(f"--ppl-increase must be positive, got {increase:g}")
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    s = session.settings
+    activations = collect_intermediate(session.model, session.layout, session.calibration(), max_tokens, s.seed,
+                                       s.device, s.batch_size, progress=not s.quiet)
+    dense = evaluate(session, session.model, desc="dense")
+    cache: dict[float, tuple[dict, dict, float]] = {}
+
+    def measure(cett: float) -> tuple[float, float]:
+        thresholds = layer_thresholds(activations, cett)
+        with thresholded(session.model, neuron_thresholds(activations, thresholds)) as counter:
+            result = evaluate(session, session.model, desc=f"CETT {cett:.4f}")
+        cache[cett] = (thresholds, counter.ratios(), result["ppl"])
+        return result["ppl"], counter.ratio()
+
+    best, steps = search_cett(measure, dense["ppl"], increase, iterations)
+    thresholds, ratios, ppl = cache[best.cett]
+    curves = sweep_baselines(session, activations) if baselines else None
+    if install:
+        install_thresholds(session.model, neuron_thresholds(activations, thresholds), ratios)
+    return {"curves": curves,"model": session.loaded.source, "settings": session.settings.describe(), "data": session.data_summary(),
+            "ppl_increase": increase, "dense_ppl": dense["ppl"], "sparse_ppl": ppl, "ppl_ratio": ppl / dense["ppl"],
+            "activation_ratio": best.activation_ratio, "sparsity": 1 - best.activation_ratio, "cett": best.cett,
+            "eval_tokens": dense["eval_tokens"], "threshold_tokens_per_layer": max_tokens,
+            "layers": [{"layer": path, "threshold": thresholds[path], "activation_ratio": ratios.get(path)}
+                       for path in thresholds],
+            "search": [vars(step) for step in steps]}
+
+
+def sweep_baselines(session: Session, activations) -> dict[str, list[dict]]:
+    """Perplexity against activation ratio on the same test windows for CETT (several targets), a constant
+    top-k per layer, one global threshold (FAT-epsilon, at quantiles of all layers' |x|) and exact zeros."""
+    model = session.model
+
+    def point(rules: dict, **extra) -> dict:
+        with masked(model, rules) as counter:
+            result = evaluate(session, model, desc="baseline")
+        return {"ppl": result["ppl"], "activation_ratio": counter.ratio(), **extra}
+
+    paths = list(activations.inputs)
+    curves = {"CETT": [], "top-k": [], "FAT-epsilon": []}
+    for target in CETT_SWEEP:
+        per_neuron = neuron_thresholds(activations, layer_thresholds(activations, target))
+        with thresholded(model, per_neuron) as counter:
+            result = evaluate(session, model, desc=f"CETT {target}")
+        curves["CETT"].append({"ppl": result["ppl"], "activation_ratio": counter.ratio(), "cett": target})
+    magnitudes = torch.cat([x.abs().flatten() for x in activations.inputs.values()])
+    sample = magnitudes[torch.randperm(magnitudes.numel(), generator=torch.Generator().manual_seed(0))[:1 << 22]]
+    for ratio in RATIO_SWEEP:
+        width = activations.inputs[paths[0]].shape[1]
+        curves["top-k"].append(point({p: top_k_rule(max(1, round(ratio * width))) for p in paths}, k_ratio=ratio))
+        epsilon = float(torch.quantile(sample, 1 - ratio))
+        curves["FAT-epsilon"].append(point({p: global_threshold_rule(epsilon) for p in paths}, epsilon=epsilon))
+    curves["exact zeros"] = [point({p: nonzero_rule for p in paths})]
+    return curves

@@ -1,0 +1,167 @@
+"""Activation sparsity: CETT against a direct computation, thresholds, counting what is applied, the command."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sparse_expansion.activation import cett, threshold_for_cett
+from sparse_expansion.cli import main
+
+from conftest import make_model
+
+SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-samples", "2", "--quiet"]
+
+
+def _direct_cett(x, w, t):
+    """Transcription of the definition: per token, drop the neurons with |x_i|·||W[:, i]|| < t, then
+    ||W x_dropped|| / ||W x||; mean over tokens."""
+    rows, cols = len(w), len(w[0])
+    norms = [math.sqrt(sum(w[r][i] ** 2 for r in range(rows))) for i in range(cols)]
+    values = []
+    for token in x:
+        full = [sum(w[r][i] * token[i] for i in range(cols)) for r in range(rows)]
+        tail = [sum(w[r][i] * token[i] for i in range(cols) if abs(token[i]) * norms[i] < t) for r in range(rows)]
+        values.append(math.sqrt(sum(v * v for v in tail)) / math.sqrt(sum(v * v for v in full)))
+    return sum(values) / len(values)
+
+
+def test_cett_matches_a_direct_computation():
+    x = [[0.5, -2.0, 0.1, 1.0], [3.0, 0.2, -0.4, 0.0], [-1.0, 1.0, 1.0, 0.3]]
+    w = [[1.0, 0.5, -2.0, 0.0], [0.0, 1.0, 1.0, 3.0]]
+    for t in (0.0, 0.3, 1.0, 2.5, 10.0):
+        assert cett(torch.tensor(x), torch.tensor(w), t) == pytest.approx(_direct_cett(x, w, t), rel=1e-6)
+
+
+def test_threshold_search_stays_within_the_target():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 32, generator=g) * torch.rand(32, generator=g)
+    w = torch.randn(16, 32, generator=g)
+    previous = -1.0
+    for target in (0.0, 0.05, 0.2, 0.5):
+        t = threshold_for_cett(x, w, target)
+        assert cett(x, w, t) <= target + 1e-9
+        assert t >= previous  # a larger error budget never lowers the threshold
+        previous = t
+    # The search is not just feasible but tight: slightly above the threshold the CETT exceeds a target that binds.
+    t = threshold_for_cett(x, w, 0.2, candidates=100_000)
+    assert cett(x, w, t * 1.02) > 0.2 - 0.01
+
+
+def test_applied_thresholds_are_what_is_counted():
+    """The activation ratio the counter reports equals the non-zero fraction an independent hook sees at the
+    input of every down projection."""
+    from sparse_expansion.activation.thresholds import (collect_intermediate, layer_thresholds, neuron_thresholds,
+                                                        thresholded)
+    from sparse_expansion.models import discover
+
+    model = make_model("llama")
+    layout = discover(model)
+    windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    activations = collect_intermediate(model, layout, windows, progress=False)
+    assert set(activations.inputs) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    per_neuron = neuron_thresholds(activations, layer_thresholds(activations, 0.2))
+    seen = {}
+    with thresholded(model, per_neuron) as counter:
+        handles = [model.get_submodule(p).register_forward_pre_hook(
+            lambda m, a, p=p: seen.setdefault(p, []).append(a[0].detach().clone())) for p in per_neuron]
+        with torch.no_grad():
+            model(input_ids=windows)
+        for handle in handles:
+            handle.remove()
+    ratios = {p: float((torch.cat(v) != 0).double().mean()) for p, v in seen.items()}
+    assert counter.ratios() == pytest.approx(ratios, rel=1e-12)
+    assert counter.ratio() == pytest.approx(sum(ratios.values()) / 2, rel=1e-12)
+    assert 0.2 < counter.ratio() < 0.999  # something was dropped, not everything
+
+
+def test_activations_command(llama_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "act.json"
+    assert main(["activations", "--model", str(llama_dir), "--data", str(corpus_dir), "--ppl-increase", "0.05",
+                 "--json", str(out), "--baselines", *SMALL]) == 0
+    result = json.loads(out.read_text())
+    for key in ("dense_ppl", "sparse_ppl", "activation_ratio", "cett"):
+        assert key in result
+    curves = result["curves"]
+    assert set(curves) == {"CETT", "top-k", "FAT-epsilon", "exact zeros"}
+    # A constant top-k keeps exactly k of the 128 intermediate neurons (ties aside) at every token.
+    for point in curves["top-k"]:
+        assert point["activation_ratio"] == pytest.approx(round(point["k_ratio"] * 128) / 128, abs=0.01)
+    assert curves["exact zeros"][0]["activation_ratio"] == pytest.approx(1.0)  # SiLU: no exact zeros
+    assert (tmp_path / "act.png").is_file()
+    ratios = [layer["activation_ratio"] for layer in result["layers"]]
+    assert result["activation_ratio"] == pytest.approx(sum(ratios) / len(ratios))
+    assert result["sparse_ppl"] == pytest.approx(result["dense_ppl"] * result["ppl_ratio"])
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1"])
+def test_activations_bad_increase(value, llama_dir, corpus_dir, tmp_path, capsys):
+    capsys.readouterr()
+    code = main(["activations", "--model", str(llama_dir), "--data", str(corpus_dir), "--ppl-increase", value,
+                 "--json", str(tmp_path / "x.json"), *SMALL])
+    err = capsys.readouterr().err
+    assert code != 0 and "--ppl-increase must be positive" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_thresholded_layer_equals_masking_then_dense_and_its_kernel_agrees():
+    from sparse_expansion.kernels import native
+    from sparse_expansion.layers import ThresholdedLinear
+    from sparse_expansion.layers.protocol import AccelerateContext, kind_of
+    from sparse_expansion.layers.switch import SwitchCache
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    thresholds = torch.rand(96) * 1.5
+    layer = ThresholdedLinear(linear, thresholds, 0.4)
+    x = torch.randn(3, 7, 96)
+    masked = torch.where(x.abs() >= thresholds, x, torch.zeros_like(x))
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(masked, linear.weight, linear.bias)
+        assert torch.equal(layer(x), expected)
+        if not native.available():
+            pytest.skip("no C compiler: the kernel is not built")
+        kind_of(layer).accelerate(layer, AccelerateContext(mode="always", switches=SwitchCache(), cpu_kernels=True))
+        for tokens in (1, 5, 21):
+            flat = x.reshape(-1, 96)[:tokens]
+            assert torch.allclose(layer(flat), expected.reshape(-1, 40)[:tokens], atol=1e-5)
+        active = (x.reshape(-1, 96)[:21].abs() >= thresholds).sum(1)
+        assert torch.equal(layer.kernel.last_active, active)
+
+
+def test_saved_thresholds_reload_and_run_sparse(llama_dir, corpus_dir, tmp_path, capsys):
+    from sparse_expansion.layers import ThresholdedLinear
+    from sparse_expansion.models import ffn_costs, discover, load_model
+
+    out = tmp_path / "thresholded"
+    assert main(["activations", "--model", str(llama_dir), "--data", str(corpus_dir), "--ppl-increase", "0.05",
+                 "--out", str(out), "--json", str(tmp_path / "a.json"), *SMALL]) == 0
+    result = json.loads((tmp_path / "a.json").read_text())
+    loaded = load_model(str(out))
+    layers = [m for m in loaded.model.modules() if isinstance(m, ThresholdedLinear)]
+    assert len(layers) == 2
+    for layer, record in zip(layers, result["layers"]):
+        assert float(layer.activation_ratio) == pytest.approx(record["activation_ratio"])
+    # The saved model evaluates to the perplexity the search reported with the same thresholds applied.
+    assert main(["eval", "--model", str(out), "--data", str(corpus_dir), "--json", str(tmp_path / "e.json"),
+                 *SMALL]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(result["sparse_ppl"], rel=1e-5)
+    # Costs: the down projections count only the expected active inputs.
+    costs = ffn_costs(loaded.model, discover(loaded.model))
+    assert costs["ffn_flops_per_token"] < costs["ffn_dense_flops_per_token"]
+    assert costs["ffn_dense_flops_per_token"] - costs["ffn_flops_per_token"] == pytest.approx(
+        sum(2 * 64 * 128 * (1 - float(layer.activation_ratio)) for layer in layers), rel=1e-6)
+
+
+def test_activation_kernel_bench_runs_and_checks_its_product(tmp_path, capsys):
+    from sparse_expansion.kernels import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the kernel is not built")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--kernel", "--activation-sparsity", "0.9", "--rows", "64", "--cols", "256", "--batch", "4",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["single"]["rows_read"] == pytest.approx(0.1 * 256, abs=20)
+    assert result["single"]["kernel_limit_ms"] < result["single"]["dense_limit_ms"]
