@@ -1,4 +1,4 @@
-"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,lm-eval,compare,bench,neurons,activations}`."""
+"""Command-line interface: `sparse-expansion {prune,expand,generate,eval,lm-eval,compare,bench,neurons,activations,law}`."""
 
 from __future__ import annotations
 
@@ -214,6 +214,27 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--format", choices=("auto", "compressed", "dense"), default="auto",
                      help="weights of the saved model (as for prune)")
     _add_data_options(act)
+
+    law = sub.add_parser("law", help="Sparsing Law at small scale: train ReLU and SiLU models, activation ratio "
+                                     "against tokens seen, the paper's fits, a width-to-depth sweep (resumable)")
+    law.add_argument("--out", required=True, help="study directory (run again with the same options to resume)")
+    law.add_argument("--activations", default="relu,silu", help="activations of the main runs (relu, silu, gelu)")
+    law.add_argument("--hidden", type=int, default=128)
+    law.add_argument("--layers", type=int, default=4)
+    law.add_argument("--heads", type=int, default=4)
+    law.add_argument("--vocab", type=int, default=8192, help="most frequent corpus tokens kept (default 8192)")
+    law.add_argument("--seqlen", type=int, default=128)
+    law.add_argument("--batch", type=int, default=16, help="windows per step")
+    law.add_argument("--steps", type=int, default=600)
+    law.add_argument("--checkpoint-every", type=int, default=60)
+    law.add_argument("--lr", type=float, default=3e-3)
+    law.add_argument("--width-depth", default="64x16,128x4,256x1",
+                     help="hidden x layers of the ReLU sweep (empty: none)")
+    law.add_argument("--sweep-steps", type=int, default=200)
+    law.add_argument("--ppl-increase", type=float, default=0.01)
+    law.add_argument("--valid-windows", type=int, default=32)
+    law.add_argument("--seed", type=int, default=0)
+    law.add_argument("--quiet", action="store_true")
 
     cmp_ = sub.add_parser("compare", help="several methods on the same calibration and test windows")
     cmp_.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt",
@@ -542,6 +563,39 @@ def cmd_activations(args) -> int:
     return 0
 
 
+def cmd_law(args) -> int:
+    from .training.trainer import TrainConfig
+    from .workflow.law import run_law
+
+    pairs = []
+    for item in (i.strip() for i in args.width_depth.split(",")):
+        if not item:
+            continue
+        try:
+            hidden, layers = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise UsageError(f"--width-depth expects HIDDENxLAYERS items, e.g. 64x16; got {item!r}") from None
+        pairs.append((hidden, layers))
+    base = TrainConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, vocab=args.vocab,
+                       seqlen=args.seqlen, batch=args.batch, steps=args.steps, checkpoint_every=args.checkpoint_every,
+                       lr=args.lr, seed=args.seed)
+    activations = [a.strip() for a in args.activations.split(",") if a.strip()]
+    if not activations:
+        raise UsageError("--activations is empty")
+    result = run_law(args.out, base, activations, pairs, args.sweep_steps, args.ppl_increase, args.valid_windows,
+                     progress=not args.quiet)
+    for name, run in result["runs"].items():
+        rows = run["checkpoints"]
+        fit = run["fit"]
+        print(f"{name}: activation ratio {rows[0]['activation_ratio']:.4f} at {rows[0]['tokens']:,} tokens -> "
+              f"{rows[-1]['activation_ratio']:.4f} at {rows[-1]['tokens']:,} (CETT {run['cett']:.4f}); fit: "
+              + (fit["error"] if "error" in fit else f"A0 {fit['A0']:.4f}, alpha {fit['alpha']:.3g}, rmse {fit['rmse']:.4f}"))
+    for row in result["width_depth"]:
+        print(f"{row['run']}: width/depth {row['width_depth_ratio']:.1f}, activation ratio {row['activation_ratio']:.4f}")
+    print(f"-> {args.out}/law.json, law.png")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from . import workflow
     from .io import atomic_write_text, check_output_path
@@ -574,7 +628,7 @@ def cmd_compare(args) -> int:
 
 COMMANDS = {"prune": cmd_prune, "expand": cmd_expand, "generate": cmd_generate, "eval": cmd_eval,
             "lm-eval": cmd_lm_eval, "compare": cmd_compare, "bench": cmd_bench,
-            "neurons": cmd_neurons, "activations": cmd_activations}
+            "neurons": cmd_neurons, "activations": cmd_activations, "law": cmd_law}
 
 
 def main(argv: list[str] | None = None) -> int:
