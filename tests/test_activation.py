@@ -49,18 +49,21 @@ def test_threshold_search_stays_within_the_target():
     assert cett(x, w, t * 1.02) > 0.2 - 0.01
 
 
-def test_applied_thresholds_are_what_is_counted():
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_applied_thresholds_are_what_is_counted(family):
     """The activation ratio the counter reports equals the non-zero fraction an independent hook sees at the
-    input of every down projection."""
+    input of every down projection (gated and non-gated MLPs, GPT-2's Conv1D included)."""
+    from conftest import FAMILIES
+
     from sparse_expansion.activation.thresholds import (collect_intermediate, layer_thresholds, neuron_thresholds,
                                                         thresholded)
     from sparse_expansion.models import discover
 
-    model = make_model("llama")
+    model = make_model(family)
     layout = discover(model)
     windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     activations = collect_intermediate(model, layout, windows, progress=False)
-    assert set(activations.inputs) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert set(activations.inputs) == {f"{layout.blocks_path}.{i}.{FAMILIES[family][1][0]}" for i in range(2)}
     per_neuron = neuron_thresholds(activations, layer_thresholds(activations, 0.2))
     seen = {}
     with thresholded(model, per_neuron) as counter:
@@ -73,7 +76,7 @@ def test_applied_thresholds_are_what_is_counted():
     ratios = {p: float((torch.cat(v) != 0).double().mean()) for p, v in seen.items()}
     assert counter.ratios() == pytest.approx(ratios, rel=1e-12)
     assert counter.ratio() == pytest.approx(sum(ratios.values()) / 2, rel=1e-12)
-    assert 0.2 < counter.ratio() < 0.999  # something was dropped, not everything
+    assert 0.05 < counter.ratio() < 0.999  # something was dropped, not everything
 
 
 def test_activations_command(llama_dir, corpus_dir, tmp_path, capsys):
@@ -165,3 +168,62 @@ def test_activation_kernel_bench_runs_and_checks_its_product(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["single"]["rows_read"] == pytest.approx(0.1 * 256, abs=20)
     assert result["single"]["kernel_limit_ms"] < result["single"]["dense_limit_ms"]
+
+
+def test_thresholds_on_a_model_of_another_shape_are_refused(llama_dir, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "thresholded"
+    assert main(["activations", "--model", str(llama_dir), "--data", str(corpus_dir), "--ppl-increase", "0.05",
+                 "--out", str(out), *SMALL]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["intermediate_size"] = 96  # the saved thresholds and weights are for 128 intermediate neurons
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    code = main(["eval", "--model", str(out), "--data", str(corpus_dir), *SMALL])
+    err = capsys.readouterr().err
+    assert code != 0 and "does not match" in err and len(err.strip().splitlines()) == 1
+
+
+def test_activations_without_blocks_fails_cleanly(model_dir_factory, corpus_dir, tmp_path, capsys):
+    empty = model_dir_factory("llama", num_hidden_layers=0)
+    capsys.readouterr()
+    code = main(["activations", "--model", str(empty), "--data", str(corpus_dir), "--json", str(tmp_path / "a.json"),
+                 *SMALL])
+    err = capsys.readouterr().err
+    assert code != 0 and "no decoder blocks" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_expanded_models_use_each_tokens_expert():
+    """CETT of an expert layer equals the definition applied token by token with the token's expert weight, and
+    thresholds apply per expert on an expanded model (the counter matches an independent count)."""
+    from sparse_expansion.activation.thresholds import (collect_intermediate, layer_thresholds, neuron_thresholds,
+                                                        thresholded)
+    from sparse_expansion.expansion import ExpansionConfig, expand_model
+    from sparse_expansion.models import discover
+    from sparse_expansion.pruning import SparsitySpec
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g)
+    w = torch.randn(2, 3, 4, generator=g)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    per_token = sum(_direct_cett([x[t].tolist()], w[labels[t]].tolist(), 0.8) for t in range(6)) / 6
+    assert cett(x, w, 0.8, labels=labels) == pytest.approx(per_token, rel=1e-6)
+
+    model = make_model("llama")
+    windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    expand_model(model, discover(model), windows, SparsitySpec.create(sparsity=0.5), ExpansionConfig(experts=2),
+                 progress=False)
+    activations = collect_intermediate(model, discover(model), windows, progress=False)
+    assert all(w.dim() == 3 for w in activations.weights.values()) and set(activations.labels) == set(activations.inputs)
+    per_neuron = neuron_thresholds(activations, layer_thresholds(activations, 0.2))
+    seen = {}
+    with thresholded(model, per_neuron) as counter:
+        handles = [model.get_submodule(p).register_forward_pre_hook(
+            lambda m, a, p=p: seen.setdefault(p, []).append(a[0].detach().clone())) for p in per_neuron]
+        with torch.no_grad():
+            model(input_ids=windows)
+        for handle in handles:
+            handle.remove()
+    ratios = {p: float((torch.cat(v) != 0).double().mean()) for p, v in seen.items()}
+    assert counter.ratios() == pytest.approx(ratios, rel=1e-12)
+    assert 0.05 < counter.ratio() < 0.999

@@ -9,6 +9,9 @@ down projection W (d_out, d_f), neuron i contributes n_i = W[:, i]·x_i to the o
 the relative error of dropping them (tokens whose output is exactly zero are left out). CETT grows with t, so
 each layer finds by bisection the largest threshold whose CETT stays within a target shared by all layers; at
 inference neuron i is zeroed when |x_i| < t / ||W[:, i]||.
+
+An expanded down projection has one W per expert, (k, d_out, d_f): each token uses the W of the expert its
+router picks (`labels`), for its contributions and its output alike.
 """
 
 from __future__ import annotations
@@ -19,40 +22,51 @@ CANDIDATES = 4096  # thresholds tried per layer: quantiles of the contributions
 
 
 def down_column_norms(down_weight: torch.Tensor) -> torch.Tensor:
-    """||W[:, i]|| for every intermediate neuron i of a down projection W (d_out, d_f)."""
-    return torch.linalg.vector_norm(down_weight.detach().float(), dim=0)
+    """||W[:, i]|| for every intermediate neuron i of W (d_out, d_f); (k, d_f) for k experts."""
+    return torch.linalg.vector_norm(down_weight.detach().float(), dim=-2)
 
 
-def contributions(x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+def contributions(x: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """|x_i|·||W[:, i]|| for every token and neuron: x (tokens, d_f) -> (tokens, d_f)."""
-    return x.abs().float() * norms
+    return x.abs().float() * (norms if labels is None else norms[labels])
+
+
+def _outputs(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    if labels is None:
+        return x @ weight.t()
+    out = x.new_empty(x.shape[0], weight.shape[-2])
+    for expert in range(weight.shape[0]):
+        members = labels == expert
+        if bool(members.any()):
+            out[members] = x[members] @ weight[expert].t()
+    return out
 
 
 def cett(x: torch.Tensor, down_weight: torch.Tensor, threshold: float, norms: torch.Tensor | None = None,
-         full: torch.Tensor | None = None) -> float:
+         full: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> float:
     """CETT of dropping the neurons whose contribution is below `threshold`, over the tokens of x. (`norms`
     and `full`, the per-token ||W x||, may be passed when they are reused.)"""
     x = x.reshape(-1, x.shape[-1]).float()
     weight = down_weight.detach().float()
     norms = down_column_norms(weight) if norms is None else norms
-    weak = contributions(x, norms) < threshold
-    full = torch.linalg.vector_norm(x @ weight.t(), dim=1) if full is None else full
-    tail = torch.linalg.vector_norm((x * weak) @ weight.t(), dim=1)
+    weak = contributions(x, norms, labels) < threshold
+    full = torch.linalg.vector_norm(_outputs(x, weight, labels), dim=1) if full is None else full
+    tail = torch.linalg.vector_norm(_outputs(x * weak, weight, labels), dim=1)
     keep = full > 0
     if not bool(keep.any()):
         return 0.0
     return float((tail[keep] / full[keep]).mean())
 
 
-def threshold_for_cett(x: torch.Tensor, down_weight: torch.Tensor, target: float,
-                       candidates: int = CANDIDATES) -> float:
+def threshold_for_cett(x: torch.Tensor, down_weight: torch.Tensor, target: float, candidates: int = CANDIDATES,
+                       labels: torch.Tensor | None = None) -> float:
     """The largest threshold, among quantiles of the contributions, whose CETT is at most `target` (0 when even
     the smallest one exceeds it: nothing is dropped)."""
     x = x.reshape(-1, x.shape[-1]).float()
     weight = down_weight.detach().float()
     norms = down_column_norms(weight)
-    full = torch.linalg.vector_norm(x @ weight.t(), dim=1)
-    values = contributions(x, norms).flatten()
+    full = torch.linalg.vector_norm(_outputs(x, weight, labels), dim=1)
+    values = contributions(x, norms, labels).flatten()
     if values.numel() > 1 << 24:  # quantile() has a size limit; a seeded subsample is as good for a grid
         generator = torch.Generator().manual_seed(0)
         values = values[torch.randint(values.numel(), (1 << 24,), generator=generator).to(values.device)]
@@ -60,7 +74,7 @@ def threshold_for_cett(x: torch.Tensor, down_weight: torch.Tensor, target: float
     lo, hi = -1, len(grid) - 1  # invariant: grid[lo] is within the target (lo = -1: none known), grid[hi+1] not
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if cett(x, weight, grid[mid], norms, full) <= target:
+        if cett(x, weight, grid[mid], norms, full, labels) <= target:
             lo = mid
         else:
             hi = mid - 1

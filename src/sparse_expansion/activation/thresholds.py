@@ -21,7 +21,8 @@ class IntermediateActivations:
     """Per FFN output linear (the down projection): a seeded sample of its input rows and its weight."""
 
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> (tokens, d_f)
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> (d_out, d_f)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> (d_out, d_f), or (k, d_out, d_f)
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)  # expert layers: each token's expert
 
 
 def collect_intermediate(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, max_tokens: int = 4096,
@@ -46,6 +47,10 @@ def collect_intermediate(model: nn.Module, layout: ModelLayout, windows: torch.T
         path = f"{layout.blocks_path}.{index}.{name}"
         collected.inputs[path] = rows.detach().float().cpu().clone()
         collected.weights[path] = linear_weight(module).detach().float().cpu()
+        router = getattr(module, "router", None)
+        if router is not None:  # an expanded layer: each token runs its own expert's weight
+            with torch.no_grad():
+                collected.labels[path] = router.assign(rows.to(router.mean.device)).cpu()
 
     walk_ffn_inputs(model, layout, windows, list(range(len(layout.blocks))), on_layer, device, batch_size,
                     progress=progress, desc="activations")
@@ -54,12 +59,14 @@ def collect_intermediate(model: nn.Module, layout: ModelLayout, windows: torch.T
 
 def layer_thresholds(activations: IntermediateActivations, target_cett: float) -> dict[str, float]:
     """Per layer: the contribution threshold t whose CETT is at most `target_cett`."""
-    return {path: threshold_for_cett(x, activations.weights[path], target_cett)
+    return {path: threshold_for_cett(x, activations.weights[path], target_cett,
+                                     labels=activations.labels.get(path))
             for path, x in activations.inputs.items()}
 
 
 def neuron_thresholds(activations: IntermediateActivations, thresholds: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Per layer and neuron i: t / ||W_down[:, i]|| (a neuron with a zero column is never needed: +inf)."""
+    """Per layer and neuron i: t / ||W_down[:, i]|| (a neuron with a zero column is never needed: +inf);
+    (k, d_f) for an expert layer, one row per expert."""
     result = {}
     for path, t in thresholds.items():
         norms = down_column_norms(activations.weights[path])
@@ -112,8 +119,19 @@ def masked(model: nn.Module, keep: dict[str, Callable[[torch.Tensor], torch.Tens
 
 
 def thresholded(model: nn.Module, per_neuron: dict[str, torch.Tensor]):
-    """`masked` with per-neuron thresholds: x_i is kept where |x_i| >= threshold_i."""
-    return masked(model, {path: (lambda x, t=t: x.abs() >= t.to(x.device, x.dtype)) for path, t in per_neuron.items()})
+    """`masked` with per-neuron thresholds: x_i is kept where |x_i| >= threshold_i (for an expert layer, the
+    thresholds of the expert its router picks for the token)."""
+    def rule(path: str, t: torch.Tensor) -> Callable:
+        if t.dim() == 1:
+            return lambda x: x.abs() >= t.to(x.device, x.dtype)
+        router = model.get_submodule(path).router
+
+        def expert_rule(x: torch.Tensor) -> torch.Tensor:
+            labels = router.assign(x).to(t.device)
+            return x.abs() >= t[labels].to(x.device, x.dtype).reshape(x.shape)
+        return expert_rule
+
+    return masked(model, {path: rule(path, t) for path, t in per_neuron.items()})
 
 
 def top_k_rule(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
