@@ -108,7 +108,8 @@ def test_activations_bad_increase(value, llama_dir, corpus_dir, tmp_path, capsys
     assert not (tmp_path / "x.json").exists()
 
 
-def test_thresholded_layer_equals_masking_then_dense_and_its_kernel_agrees():
+@pytest.mark.parametrize("pruned", [False, True])
+def test_thresholded_layer_equals_masking_then_dense_and_its_kernel_agrees(pruned):
     from sparse_expansion.kernels import native
     from sparse_expansion.layers import ThresholdedLinear
     from sparse_expansion.layers.protocol import AccelerateContext, kind_of
@@ -116,6 +117,9 @@ def test_thresholded_layer_equals_masking_then_dense_and_its_kernel_agrees():
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
+    if pruned:  # a pruned down projection: the kernel reads W^T as CSR
+        with torch.no_grad():
+            linear.weight.masked_fill_(torch.rand(40, 96) < 0.7, 0)
     thresholds = torch.rand(96) * 1.5
     layer = ThresholdedLinear(linear, thresholds, 0.4)
     x = torch.randn(3, 7, 96)
@@ -126,6 +130,7 @@ def test_thresholded_layer_equals_masking_then_dense_and_its_kernel_agrees():
         if not native.available():
             pytest.skip("no C compiler: the kernel is not built")
         kind_of(layer).accelerate(layer, AccelerateContext(mode="always", switches=SwitchCache(), cpu_kernels=True))
+        assert layer.kernel.sparse == pruned
         for tokens in (1, 5, 21):
             flat = x.reshape(-1, 96)[:tokens]
             assert torch.allclose(layer(flat), expected.reshape(-1, 40)[:tokens], atol=1e-5)

@@ -111,3 +111,44 @@ void act_sparse_matmul(int64_t in, int64_t out, int64_t batch, const float* wt, 
         }
     }
 }
+
+/* The same product when the down projection is also pruned: W^T as CSR (row i = the non-zero weights that
+ * neuron i feeds, int32 output indices), so a token reads only the non-zero weights of its active neurons.
+ * Threads split the neurons and accumulate into private outputs, summed at the end. Returns 1 when a buffer
+ * cannot be allocated. */
+int act_sparse_csr_matmul(int64_t in, int64_t out, int64_t batch, const int64_t* rowptr, const int32_t* col,
+                          const float* values, const float* x, const float* thr, const float* bias, float* y,
+                          int64_t* active) {
+    for (int64_t b = 0; b < batch; ++b) {
+        int64_t n = 0;
+        for (int64_t i = 0; i < in; ++i) n += fabsf(x[b * in + i]) >= thr[i] && x[b * in + i] != 0.f;
+        active[b] = n;
+        for (int64_t o = 0; o < out; ++o) y[b * out + o] = bias ? bias[o] : 0.f;
+    }
+    int failed = 0;
+    _Pragma("omp parallel")
+    {
+        float* local = calloc((size_t)(batch * out), sizeof(float));
+        if (!local) {
+            _Pragma("omp atomic write")
+            failed = 1;
+        }
+        _Pragma("omp for schedule(static)")
+        for (int64_t i = 0; i < in; ++i) {
+            if (!local) continue;
+            const int64_t start = rowptr[i], end = rowptr[i + 1];
+            for (int64_t b = 0; b < batch; ++b) {
+                const float v = x[b * in + i];
+                if (v == 0.f || fabsf(v) < thr[i]) continue;
+                float* lb = local + b * out;
+                for (int64_t k = start; k < end; ++k) lb[col[k]] += v * values[k];
+            }
+        }
+        if (local) {
+            _Pragma("omp critical")
+            for (int64_t j = 0; j < batch * out; ++j) y[j] += local[j];
+            free(local);
+        }
+    }
+    return failed;
+}

@@ -91,6 +91,9 @@ class _Library:
         self.act_sparse_matmul = lib.act_sparse_matmul
         self.act_sparse_matmul.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
         self.act_sparse_matmul.restype = None
+        self.act_sparse_csr_matmul = lib.act_sparse_csr_matmul
+        self.act_sparse_csr_matmul.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+        self.act_sparse_csr_matmul.restype = ctypes.c_int
         self.path = path
 
 

@@ -1,7 +1,8 @@
 """The thresholded FFN down projection: y = W mask(x) + b, with mask(x)_i = x_i where |x_i| >= t_i, else 0.
 
 The per-neuron thresholds t_i come from the CETT search (activation/). On the CPU an activation-sparse
-kernel reads only the rows of W^T (one contiguous row per intermediate neuron) of the neurons that pass,
+kernel reads only the rows of W^T (one contiguous row per intermediate neuron; only its non-zero weights, as
+CSR, when the weight is pruned) of the neurons that pass,
 for the token counts where it measured faster than the masked dense product on the layer's own shape at its
 recorded activation ratio (layers/switch.py); elsewhere the dense product runs on the masked input.
 """
@@ -15,6 +16,7 @@ from torch import nn
 from ..kernels import native
 from .linear import LinearKind, nonzero_flops
 from .protocol import AccelerateContext, register, tensor_bytes
+from .sparse_linear import MIN_SPARSITY
 from .switch import ALWAYS, Switched
 
 
@@ -24,13 +26,26 @@ def mask_below(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 
 
 class ActivationSparseWeight(Switched):
-    """W^T (in x out, contiguous rows) for the activation-sparse kernel, with its measured switch."""
+    """W^T (in x out) for the activation-sparse kernel, with its measured switch: dense rows (contiguous per
+    neuron), or CSR rows when the weight is pruned (`MIN_SPARSITY` or more zeros), so that activation and
+    weight sparsity both skip work."""
 
     def __init__(self, weight: torch.Tensor, thresholds: torch.Tensor):
         super().__init__()
-        self.weight_t = weight.detach().to("cpu", torch.float32).t().contiguous()
+        weight_t = weight.detach().to("cpu", torch.float32).t().contiguous()
         self.thresholds = thresholds.detach().to("cpu", torch.float32).contiguous()
-        self.rows_in, self.cols_out = self.weight_t.shape
+        self.rows_in, self.cols_out = weight_t.shape
+        self.sparse = 1 - torch.count_nonzero(weight_t).item() / weight_t.numel() >= MIN_SPARSITY
+        if self.sparse:
+            nonzero = weight_t != 0
+            self.rowptr = torch.zeros(self.rows_in + 1, dtype=torch.int64)
+            torch.cumsum(nonzero.sum(1), 0, out=self.rowptr[1:])
+            self.col = nonzero.nonzero()[:, 1].to(torch.int32).contiguous()
+            self.values = weight_t[nonzero].contiguous()
+            self.nbytes = tensor_bytes(self.rowptr, self.col, self.values)
+        else:
+            self.weight_t = weight_t
+            self.nbytes = tensor_bytes(weight_t)
         self.last_active: torch.Tensor | None = None  # per token of the last product: neurons that passed
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,10 +53,16 @@ class ActivationSparseWeight(Switched):
         tokens = x.shape[0]
         out = torch.empty(tokens, self.cols_out, dtype=torch.float32)
         active = torch.empty(tokens, dtype=torch.int64)
-        native.library().act_sparse_matmul(self.rows_in, self.cols_out, tokens, self.weight_t.data_ptr(),
-                                           x.data_ptr(), self.thresholds.data_ptr(),
-                                           None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                           active.data_ptr())
+        lib = native.library()
+        bias_ptr = None if bias is None else bias.data_ptr()
+        if self.sparse:
+            if lib.act_sparse_csr_matmul(self.rows_in, self.cols_out, tokens, self.rowptr.data_ptr(),
+                                         self.col.data_ptr(), self.values.data_ptr(), x.data_ptr(),
+                                         self.thresholds.data_ptr(), bias_ptr, out.data_ptr(), active.data_ptr()):
+                raise MemoryError("activation-sparse kernel could not allocate its buffers")
+        else:
+            lib.act_sparse_matmul(self.rows_in, self.cols_out, tokens, self.weight_t.data_ptr(), x.data_ptr(),
+                                  self.thresholds.data_ptr(), bias_ptr, out.data_ptr(), active.data_ptr())
         self.last_active = active
         return out
 
@@ -87,7 +108,7 @@ def prepare_kernel(module: ThresholdedLinear, context: AccelerateContext) -> Act
         return kernel
     ratio = float(module.activation_ratio)
     weight, thresholds = module.weight.detach().float().contiguous(), module.thresholds.float()
-    key = ("activation", module.out_features, module.in_features, round(ratio, 2))
+    key = ("activation", module.out_features, module.in_features, round(ratio, 2), kernel.sparse)
     batches = {}
 
     def inputs(x: torch.Tensor) -> torch.Tensor:  # the switch's random x, replaced by one at the layer's ratio
@@ -120,8 +141,10 @@ class ThresholdedLinearKind(LinearKind):
         return nonzero_flops(module.weight) * float(module.activation_ratio)
 
     def bytes_per_token(self, module: ThresholdedLinear) -> float:
-        ratio = float(module.activation_ratio) if module.kernel is not None and module.kernel.use_fast(1) else 1.0
-        return tensor_bytes(module.weight) * ratio + tensor_bytes(module.bias, module.thresholds)
+        kernel = module.kernel
+        read = kernel.nbytes * float(module.activation_ratio) if kernel is not None and kernel.use_fast(1) \
+            else tensor_bytes(module.weight)
+        return read + tensor_bytes(module.bias, module.thresholds)
 
     def accelerate(self, module: ThresholdedLinear, context: AccelerateContext) -> ThresholdedLinear:
         if context.mode == "off" or not context.cpu_kernels or module.weight.dtype != torch.float32:
