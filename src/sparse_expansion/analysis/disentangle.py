@@ -8,6 +8,8 @@ tokens. Clustering disentangles a neuron when its weighted distance is lower.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .neurons import layer_outputs
@@ -32,13 +34,19 @@ def _cluster_md(inputs: torch.Tensor, outputs: torch.Tensor, seed: int) -> torch
         return torch.full((outputs.shape[1],), float("nan"), dtype=torch.float64)
 
 
+@functools.lru_cache(maxsize=256)
+def _floor(tokens: int, samples: int, seed: int) -> float:
+    """Median WD of `samples` z-scored standard-normal samples of `tokens` values (one seeded draw per size)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + tokens)
+    return float(wasserstein_to_gaussian(torch.randn(tokens, samples, generator=generator, dtype=torch.float64))
+                 .median())
+
+
 def gaussian_floor(sizes: list[int], samples: int = 256, seed: int = 0) -> float:
     """The cluster-size-weighted WD that perfectly Gaussian outputs would show with these cluster sizes: the WD
     of a finite sample is not zero (about 0.05 at 256 tokens, 0.0125 at 4,096), so splitting tokens into
     clusters raises the weighted WD of a neuron that was Gaussian already. Median over `samples` seeded draws."""
-    generator = torch.Generator().manual_seed(seed)
-    floors = [float(wasserstein_to_gaussian(torch.randn(n, samples, generator=generator, dtype=torch.float64))
-                    .median()) for n in sizes]
+    floors = [_floor(n, samples, seed) for n in sizes]
     return float(sum(f * n for f, n in zip(floors, sizes)) / max(1, sum(sizes)))
 
 
