@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     law.add_argument("--ppl-increase", type=float, default=0.01)
     law.add_argument("--valid-windows", type=int, default=32)
     law.add_argument("--seed", type=int, default=0)
+    law.add_argument("--device", default="cpu", help="cpu (default) or cuda: scale --hidden/--layers/--steps up there")
     law.add_argument("--quiet", action="store_true")
 
     cmp_ = sub.add_parser("compare", help="several methods on the same calibration and test windows")
@@ -583,7 +584,7 @@ def cmd_law(args) -> int:
     if not activations:
         raise UsageError("--activations is empty")
     result = run_law(args.out, base, activations, pairs, args.sweep_steps, args.ppl_increase, args.valid_windows,
-                     progress=not args.quiet)
+                     progress=not args.quiet, device=args.device)
     for name, run in result["runs"].items():
         rows = run["checkpoints"]
         fit = run["fit"]

@@ -31,27 +31,29 @@ def _load(config: TrainConfig, checkpoint: Path):
     return model.eval()
 
 
-def checkpoint_measure(config: TrainConfig, checkpoint: Path, calib: torch.Tensor, valid: torch.Tensor):
+def checkpoint_measure(config: TrainConfig, checkpoint: Path, calib: torch.Tensor, valid: torch.Tensor,
+                       device: torch.device | str = "cpu"):
     """For one checkpoint: its dense perplexity and a function cett -> (perplexity, activation ratio)."""
     model = _load(config, checkpoint)
     layout = discover(model)
-    activations = collect_intermediate(model, layout, calib, progress=False)
-    dense = perplexity(model, valid, progress=False).ppl
+    activations = collect_intermediate(model, layout, calib, device=device, progress=False)
+    model.to(device)
+    dense = perplexity(model, valid, device=device, progress=False).ppl
 
     def measure(cett: float) -> tuple[float, float]:
         per_neuron = neuron_thresholds(activations, layer_thresholds(activations, cett))
         with thresholded(model, per_neuron) as counter:
-            ppl = perplexity(model, valid, progress=False).ppl
+            ppl = perplexity(model, valid, device=device, progress=False).ppl
         return ppl, counter.ratio()
 
     return dense, measure
 
 
 def run_law_measurements(config: TrainConfig, run: Path, calib: torch.Tensor, valid: torch.Tensor,
-                         increase: float = 0.01) -> dict:
+                         increase: float = 0.01, device: torch.device | str = "cpu") -> dict:
     """The activation ratio of every checkpoint at the CETT found jointly on the last ones."""
     found = checkpoints(run)
-    measures = {path: checkpoint_measure(config, path, calib, valid) for path in found}
+    measures = {path: checkpoint_measure(config, path, calib, valid, device) for path in found}
     last = found[-LAST_CHECKPOINTS:]
 
     def joint(cett: float) -> tuple[float, float]:

@@ -98,7 +98,7 @@ def checkpoints(run: Path) -> list[Path]:
 def _save_checkpoint(run: Path, model, optimizer, state: dict) -> Path:
     final = run / f"ckpt-{state['step']:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=run))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
               tmp / "model.safetensors")
     moments = {}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -106,8 +106,8 @@ def _save_checkpoint(run: Path, model, optimizer, state: dict) -> Path:
         for p in group["params"]:
             slot = optimizer.state.get(p)
             if slot:
-                moments[f"{names[id(p)]}.exp_avg"] = slot["exp_avg"].contiguous()
-                moments[f"{names[id(p)]}.exp_avg_sq"] = slot["exp_avg_sq"].contiguous()
+                moments[f"{names[id(p)]}.exp_avg"] = slot["exp_avg"].cpu().contiguous()
+                moments[f"{names[id(p)]}.exp_avg_sq"] = slot["exp_avg_sq"].cpu().contiguous()
                 state.setdefault("adam_step", float(slot["step"]))
     save_file(moments, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -152,8 +152,9 @@ def open_run(run: Path, config: TrainConfig) -> None:
     file.write_text(json.dumps(asdict(config), indent=1))
 
 
-def train(run: Path, config: TrainConfig, tokens: torch.Tensor, progress: bool = True) -> list[Path]:
-    """Train (or resume) the run on `tokens` (1-D, compact vocabulary); returns its checkpoints."""
+def train(run: Path, config: TrainConfig, tokens: torch.Tensor, progress: bool = True,
+          device: torch.device | str = "cpu") -> list[Path]:
+    """Train (or resume) the run on `tokens` (1-D, compact vocabulary) on `device`; returns its checkpoints."""
     config.validate()
     open_run(run, config)
     torch.manual_seed(config.seed)
@@ -168,6 +169,10 @@ def train(run: Path, config: TrainConfig, tokens: torch.Tensor, progress: bool =
         state = _resume(model, optimizer, existing[-1])
     if state["step"] >= config.steps:
         return checkpoints(run)
+    model.to(device)
+    for slot in optimizer.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            slot[key] = slot[key].to(device)
     generator = torch.Generator().manual_seed(config.seed)
     span = tokens.numel() - config.seqlen - 1
     for _ in range(state["step"]):  # the same batches as an uninterrupted run
@@ -177,7 +182,7 @@ def train(run: Path, config: TrainConfig, tokens: torch.Tensor, progress: bool =
     start = time.perf_counter()
     for step in bar:
         starts = torch.randint(span, (config.batch,), generator=generator)
-        batch = torch.stack([tokens[s:s + config.seqlen + 1] for s in starts.tolist()])
+        batch = torch.stack([tokens[s:s + config.seqlen + 1] for s in starts.tolist()]).to(device)
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, config)
         loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone()).loss

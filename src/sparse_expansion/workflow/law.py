@@ -56,9 +56,12 @@ def _data(config: TrainConfig, valid_windows: int, calib_windows: int, seed: int
 
 def run_law(out: str, base: TrainConfig, activations: list[str], width_depth: list[tuple[int, int]],
             sweep_steps: int, increase: float = 0.01, valid_windows: int = 32, calib_windows: int = 16,
-            progress: bool = True) -> dict:
+            progress: bool = True, device: str = "cpu") -> dict:
     if not increase > 0:
         raise UsageError(f"--ppl-increase must be positive, got {increase:g}")
+    from ..runtime import resolve_device
+
+    device = resolve_device(device)
     configs = {f"{a}-h{base.hidden}-l{base.layers}": replace(base, activation=a) for a in activations}
     sweep = {f"relu-h{h}-l{l}-sweep": replace(base, activation="relu", hidden=h, layers=l, heads=max(1, h // 32),
                                                 steps=sweep_steps, checkpoint_every=sweep_steps)
@@ -72,16 +75,16 @@ def run_law(out: str, base: TrainConfig, activations: list[str], width_depth: li
     result = {"ppl_increase": increase, "train_tokens_available": int(train_tokens.numel()),
               "valid_tokens": int(valid.numel()), "runs": {}, "width_depth": []}
     for name, config in configs.items():
-        train(root / name, config, train_tokens, progress)
-        measured = run_law_measurements(config, root / name, calib, valid, increase)
+        train(root / name, config, train_tokens, progress, device)
+        measured = run_law_measurements(config, root / name, calib, valid, increase, device)
         rows = measured["checkpoints"]
         measured["fit"] = fit_law(config.activation, [r["tokens"] for r in rows], [r["activation_ratio"] for r in rows])
         measured["config"] = asdict(config)
         measured["non_embedding_parameters"] = config.non_embedding_parameters()
         result["runs"][name] = measured
     for name, config in sweep.items():
-        train(root / name, config, train_tokens, progress)
-        measured = run_law_measurements(config, root / name, calib, valid, increase)
+        train(root / name, config, train_tokens, progress, device)
+        measured = run_law_measurements(config, root / name, calib, valid, increase, device)
         final = measured["checkpoints"][-1]
         result["width_depth"].append({"run": name, "hidden": config.hidden, "layers": config.layers,
                                       "width_depth_ratio": config.hidden / config.layers,
