@@ -49,21 +49,11 @@ def test_threshold_search_stays_within_the_target():
     assert cett(x, w, t * 1.02) > 0.2 - 0.01
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
-def test_applied_thresholds_are_what_is_counted(family):
-    """The activation ratio the counter reports equals the non-zero fraction an independent hook sees at the
-    input of every down projection (gated and non-gated MLPs, GPT-2's Conv1D included)."""
-    from conftest import FAMILIES
+def _counted_against_independent_hooks(model, activations, windows):
+    """Apply the thresholds of CETT 0.2 and run the model; a second hook at every down projection counts the
+    non-zero inputs it receives. Returns the counter and those independent ratios (already checked equal)."""
+    from sparse_expansion.activation.thresholds import layer_thresholds, neuron_thresholds, thresholded
 
-    from sparse_expansion.activation.thresholds import (collect_intermediate, layer_thresholds, neuron_thresholds,
-                                                        thresholded)
-    from sparse_expansion.models import discover
-
-    model = make_model(family)
-    layout = discover(model)
-    windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
-    activations = collect_intermediate(model, layout, windows, progress=False)
-    assert set(activations.inputs) == {f"{layout.blocks_path}.{i}.{FAMILIES[family][1][0]}" for i in range(2)}
     per_neuron = neuron_thresholds(activations, layer_thresholds(activations, 0.2))
     seen = {}
     with thresholded(model, per_neuron) as counter:
@@ -75,6 +65,24 @@ def test_applied_thresholds_are_what_is_counted(family):
             handle.remove()
     ratios = {p: float((torch.cat(v) != 0).double().mean()) for p, v in seen.items()}
     assert counter.ratios() == pytest.approx(ratios, rel=1e-12)
+    return counter, ratios
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_applied_thresholds_are_what_is_counted(family):
+    """The activation ratio the counter reports equals the non-zero fraction an independent hook sees at the
+    input of every down projection (gated and non-gated MLPs, GPT-2's Conv1D included)."""
+    from conftest import FAMILIES
+
+    from sparse_expansion.activation.thresholds import collect_intermediate
+    from sparse_expansion.models import discover
+
+    model = make_model(family)
+    layout = discover(model)
+    windows = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    activations = collect_intermediate(model, layout, windows, progress=False)
+    assert set(activations.inputs) == {f"{layout.blocks_path}.{i}.{FAMILIES[family][1][0]}" for i in range(2)}
+    counter, ratios = _counted_against_independent_hooks(model, activations, windows)
     assert counter.ratio() == pytest.approx(sum(ratios.values()) / 2, rel=1e-12)
     assert 0.05 < counter.ratio() < 0.999  # something was dropped, not everything
 
@@ -201,8 +209,7 @@ def test_activations_without_blocks_fails_cleanly(model_dir_factory, corpus_dir,
 def test_expanded_models_use_each_tokens_expert():
     """CETT of an expert layer equals the definition applied token by token with the token's expert weight, and
     thresholds apply per expert on an expanded model (the counter matches an independent count)."""
-    from sparse_expansion.activation.thresholds import (collect_intermediate, layer_thresholds, neuron_thresholds,
-                                                        thresholded)
+    from sparse_expansion.activation.thresholds import collect_intermediate
     from sparse_expansion.expansion import ExpansionConfig, expand_model
     from sparse_expansion.models import discover
     from sparse_expansion.pruning import SparsitySpec
@@ -220,15 +227,5 @@ def test_expanded_models_use_each_tokens_expert():
                  progress=False)
     activations = collect_intermediate(model, discover(model), windows, progress=False)
     assert all(w.dim() == 3 for w in activations.weights.values()) and set(activations.labels) == set(activations.inputs)
-    per_neuron = neuron_thresholds(activations, layer_thresholds(activations, 0.2))
-    seen = {}
-    with thresholded(model, per_neuron) as counter:
-        handles = [model.get_submodule(p).register_forward_pre_hook(
-            lambda m, a, p=p: seen.setdefault(p, []).append(a[0].detach().clone())) for p in per_neuron]
-        with torch.no_grad():
-            model(input_ids=windows)
-        for handle in handles:
-            handle.remove()
-    ratios = {p: float((torch.cat(v) != 0).double().mean()) for p, v in seen.items()}
-    assert counter.ratios() == pytest.approx(ratios, rel=1e-12)
+    counter, ratios = _counted_against_independent_hooks(model, activations, windows)
     assert 0.05 < counter.ratio() < 0.999
