@@ -251,3 +251,16 @@ def test_model_bench_against_a_baseline(llama_dir, corpus_dir, tmp_path, capsys)
     assert result["decode_speedup"] > 0 and result["prefill_speedup"] > 0
     assert result["model"]["ffn_flops_per_token"] < result["baseline"]["ffn_flops_per_token"]
     assert result["model"]["disk_bytes"] > 0 and result["baseline"]["disk_bytes"] > 0
+
+
+def test_generate_with_an_empty_prompt_fails_cleanly(llama_dir, capsys):
+    capsys.readouterr()
+    code = main(["generate", "--model", str(llama_dir), "--prompt", "  ", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--prompt is empty" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_accepts_quiet(tmp_path, capsys):
+    from sparse_expansion.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "--kernel", "--quiet"]).quiet

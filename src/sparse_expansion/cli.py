@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu",
                        help="--kernel on cuda: dense against 2:4 semi-structured fp16 products (needs a GPU)")
     bench.add_argument("--json", default=None, help="write the result as JSON")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
     _add_kernel_option(bench)
 
     ev = sub.add_parser("eval", help="perplexity of a model")
@@ -372,6 +373,8 @@ def cmd_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
+    if not args.prompt.strip() and not args.chat:
+        raise UsageError("--prompt is empty: give some text to continue")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                         quiet=True)
     tokenizer = loaded.tokenizer
