@@ -1,4 +1,4 @@
-"""Per-neuron statistics of the Sparse Expansion paper's entanglement analysis (torch only, no models).
+"""Per-neuron statistics of the Sparse Expansion paper's entanglement analysis (tensors in, tensors out; no models).
 
 `wasserstein_to_gaussian`: each neuron's outputs z-scored over the tokens, then the 1-Wasserstein distance
 of that empirical distribution to the standard normal N(0, 1), computed exactly (not against a random
@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..pruning.masks import highest_first
 
 _SQRT_2PI = math.sqrt(2 * math.pi)
 
@@ -97,9 +99,6 @@ def mapping_difficulty(inputs: torch.Tensor, outputs: torch.Tensor, pairs: int |
 
 
 def top_fraction(scores: torch.Tensor, percent: float) -> torch.Tensor:
-    """Indices of the top `percent`% of scores (at least one), highest first; NaN scores never chosen,
-    ties broken by the lower index."""
-    values = torch.nan_to_num(scores.double(), nan=float("-inf"))
-    count = max(1, math.ceil(values.numel() * percent / 100))
-    order = torch.sort(-values, stable=True).indices  # descending, stable: lower index first among ties
-    return order[:count]
+    """Indices of the top `percent`% of scores (at least one), highest first; NaN scores rank last, ties go
+    to the lower index."""
+    return highest_first(scores, max(1, math.ceil(scores.numel() * percent / 100)))

@@ -33,7 +33,7 @@ from ..calibration import SequentialCalibration, Step, TokenRecorder, Watch
 from ..errors import UsageError
 from ..layers import ROUTERS_ATTR, ExpertLinear, Router, SelectiveExpertLinear, clear_router_memos
 from ..models.discovery import ModelLayout, linear_weight
-from ..pruning.masks import check_nm_shape
+from ..pruning.masks import check_nm_shape, highest_first
 from ..pruning.methods import PruneOptions, PruningMethod, get_method
 from ..pruning.spec import SparsitySpec
 from .fitting import INITS, fit_router, pca_components
@@ -127,13 +127,11 @@ def _cluster_statistics(batches: list[torch.Tensor], router: Router, statistic_t
 def select_rows(scores: torch.Tensor, fraction: float, rows: int, path: str) -> torch.Tensor:
     """The ceil(fraction * rows) rows with the highest scores (at least one), in ascending order; ties go to
     the lower index and NaN scores rank lowest, so the same scores always select the same rows."""
-    scores = torch.as_tensor(scores).detach()
+    scores = torch.as_tensor(scores)
     if scores.shape != (rows,):
         raise UsageError(f"row scores for {path}: expected {rows} values, got shape {tuple(scores.shape)}")
-    scores = scores.to("cpu", torch.float64)
-    scores = torch.where(torch.isnan(scores), float("-inf"), scores)
     count = min(rows, max(1, math.ceil(fraction * rows - 1e-9)))  # 1e-9: 0.3 * 10 is 3, not 3.0000000000000004
-    return torch.argsort(scores, descending=True, stable=True)[:count].sort().values
+    return highest_first(scores, count).sort().values
 
 
 @dataclass

@@ -12,6 +12,14 @@ from ..errors import UsageError
 from .spec import SparsitySpec
 
 
+def highest_first(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest of a 1-D score vector, highest first: NaN ranks lowest and ties go to
+    the lower index, so the same scores always give the same choice (rows to expand, neurons to study)."""
+    values = scores.detach().to("cpu", torch.float64)
+    values = torch.where(torch.isnan(values), float("-inf"), values)
+    return torch.argsort(values, descending=True, stable=True)[:count]
+
+
 def lowest_mask(scores: torch.Tensor, spec: SparsitySpec, per_row: bool) -> torch.Tensor:
     """Boolean mask (True = prune) of the lowest scores of each (rows x cols) matrix.
 
