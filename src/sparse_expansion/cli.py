@@ -534,10 +534,10 @@ def cmd_neurons(args) -> int:
 def cmd_activations(args) -> int:
     from . import workflow
     from .io import atomic_write_text, check_output_path
+    from .activation.thresholds import check_ppl_increase
     from .workflow.activations import run_activations
 
-    if not args.ppl_increase > 0:
-        raise UsageError(f"--ppl-increase must be positive, got {args.ppl_increase:g}")
+    check_ppl_increase(args.ppl_increase)  # before the model loads
     if args.json:
         check_output_path(args.json, overwrite=True)
     if args.out:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..analysis.neurons import walk_ffn_inputs
+from ..errors import UsageError
 from ..models.discovery import ModelLayout, linear_weight
 from .cett import down_column_norms, threshold_for_cett
 
@@ -33,8 +34,6 @@ def collect_intermediate(model: nn.Module, layout: ModelLayout, windows: torch.T
     collected = IntermediateActivations()
     outputs = {lin.name for lin in layout.select("ffn") if lin.role == "ffn_out"}
     if not outputs:
-        from ..errors import UsageError
-
         raise UsageError("no FFN output linear found in the model's blocks: nothing to threshold")
 
     def on_layer(index, name, role, module, inputs) -> None:
@@ -155,6 +154,11 @@ def nonzero_rule(x: torch.Tensor) -> torch.Tensor:
     return x != 0
 
 
+def check_ppl_increase(increase: float) -> None:
+    if not increase > 0:
+        raise UsageError(f"--ppl-increase must be positive, got {increase:g}")
+
+
 @dataclass
 class SearchStep:
     cett: float
@@ -197,7 +201,6 @@ def install_thresholds(model: nn.Module, per_neuron: dict[str, torch.Tensor], ra
     """Replace each thresholded FFN output linear by a `ThresholdedLinear` (saved and reloaded with its
     thresholds, run by the activation-sparse kernel where faster). Only plain linear layers (dense or pruned)
     can be converted; returns how many were."""
-    from ..errors import UsageError
     from ..layers import ThresholdedLinear
 
     for path in per_neuron:

@@ -137,17 +137,12 @@ def _resume(model, optimizer, checkpoint: Path) -> dict:
 def open_run(run: Path, config: TrainConfig) -> None:
     """Create the run directory, or accept an existing one that holds this very configuration."""
     file = run / RUN_FILE
-    if run.exists():
-        if not file.is_file():
-            if run.is_dir() and not any(run.iterdir()):
-                pass
-            else:
-                raise UsageError(f"{run} exists and is not a training run (no {RUN_FILE}); choose another --out")
-        else:
-            recorded = json.loads(file.read_text())
-            if recorded != asdict(config):
-                raise UsageError(f"{run} holds a run with another configuration; choose another --out")
-            return
+    if file.is_file():
+        if json.loads(file.read_text()) != asdict(config):
+            raise UsageError(f"{run} holds a run with another configuration; choose another --out")
+        return
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        raise UsageError(f"{run} exists and is not a training run (no {RUN_FILE}); choose another --out")
     run.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(asdict(config), indent=1))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..activation.thresholds import (collect_intermediate, global_threshold_rule, install_thresholds,
-                                     layer_thresholds, masked, neuron_thresholds, nonzero_rule, search_cett,
-                                     thresholded, top_k_rule)
+from ..activation.thresholds import (check_ppl_increase, collect_intermediate, global_threshold_rule,
+                                     install_thresholds, layer_thresholds, masked, neuron_thresholds, nonzero_rule,
+                                     search_cett, thresholded, top_k_rule)
 from ..errors import UsageError
 from .jobs import evaluate
 from .session import Session
@@ -21,8 +21,7 @@ def run_activations(session: Session, increase: float = 0.01, max_tokens: int = 
     """Thresholds from the calibration windows' intermediate activations; the CETT searched so that perplexity on
     the test windows rises by `increase`; the result measured with those thresholds applied. With `install`, the
     model's down projections become `ThresholdedLinear` layers with the chosen thresholds (for saving)."""
-    if not increase > 0:
-        raise UsageError(f"--ppl-increase must be positive, got {increase:g}")
+    check_ppl_increase(increase)
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
     s = session.settings

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..activation.thresholds import check_ppl_increase
 from ..data import load_corpus
 from ..data.windows import tokenize
 from ..errors import UsageError
@@ -57,8 +58,7 @@ def _data(config: TrainConfig, valid_windows: int, calib_windows: int, seed: int
 def run_law(out: str, base: TrainConfig, activations: list[str], width_depth: list[tuple[int, int]],
             sweep_steps: int, increase: float = 0.01, valid_windows: int = 32, calib_windows: int = 16,
             progress: bool = True, device: str = "cpu") -> dict:
-    if not increase > 0:
-        raise UsageError(f"--ppl-increase must be positive, got {increase:g}")
+    check_ppl_increase(increase)
     from ..runtime import resolve_device
 
     device = resolve_device(device)

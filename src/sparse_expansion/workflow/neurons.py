@@ -14,8 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis import ablation, disentangle, plots, records
-from ..analysis.neurons import analyze_neurons, walk_ffn_inputs
+from ..analysis.neurons import analyze_neurons, layer_outputs, walk_ffn_inputs
+from ..analysis.wasserstein import wasserstein_to_gaussian
 from ..errors import UsageError
+from ..expansion import ExpansionConfig, expand_linear
 from ..io import atomic_output_dir, atomic_write_text
 from ..io.model_dir import read_manifest
 from ..models import discover, load_model
@@ -244,9 +246,6 @@ def run_expert_sweep(session: Session, blocks: list[int], options: NeuronOptions
     in the paper's second FFN): its dense outputs against its sparse outputs with 1, 2, 4, ... experts."""
     from scipy.stats import wasserstein_distance
 
-    from ..analysis.wasserstein import wasserstein_to_gaussian
-    from ..expansion import ExpansionConfig, expand_linear
-
     manifest = options._manifest
     sparsity = manifest.get("sparsity")
     spec = SparsitySpec.create(sparsity=sparsity) if sparsity is not None else SparsitySpec.create(nm=manifest["nm"])
@@ -263,8 +262,6 @@ def run_expert_sweep(session: Session, blocks: list[int], options: NeuronOptions
     walk_ffn_inputs(session.model, session.layout, session.calibration(), [index], on_layer, s.device, s.batch_size,
                     progress=False)
     module, inputs = captured["module"], captured["inputs"]
-    from ..analysis.neurons import layer_outputs
-
     dense = layer_outputs(module, inputs)
     neuron = int(torch.nan_to_num(wasserstein_to_gaussian(dense), nan=-math.inf).argmax())
     sparse, distances = {}, {}
