@@ -331,8 +331,8 @@ def cmd_prune(args) -> int:
     report = workflow.prune_session_model(session, session.model, args.method, spec, options)
     extra = {"perplexity": workflow.evaluate(session, session.model)} if args.eval else None
     data = workflow.manifest(session, "prune", report, options, extra)
-    save_model_dir(session.model, session.tokenizer, args.out, data, weight_format=args.format,
-                   overwrite=args.overwrite)
+    _on_main(save_model_dir, session.model, session.tokenizer, args.out, data, weight_format=args.format,
+             overwrite=args.overwrite)
     print(f"{args.method} {spec.label}: measured sparsity {report.overall_sparsity():.4f} over "
           f"{len(report.layers)} layers in {report.seconds:.1f} s -> {args.out}")
     if extra:
@@ -354,8 +354,8 @@ def cmd_expand(args) -> int:
     if args.eval:
         extra["perplexity"] = workflow.evaluate(session, session.model)
     data = workflow.manifest(session, "expand", report, options, extra)
-    save_model_dir(session.model, session.tokenizer, args.out, data, weight_format=args.format,
-                   overwrite=args.overwrite)
+    _on_main(save_model_dir, session.model, session.tokenizer, args.out, data, weight_format=args.format,
+             overwrite=args.overwrite)
     print(f"sparse expansion x{config.experts} at {spec.label}: {report.overall_sparsity():.4f} sparsity per expert, "
           f"{report.fallbacks()} fallback experts, {report.seconds:.1f} s -> {args.out}")
     costs = extra["costs"]
@@ -464,7 +464,7 @@ def cmd_eval(args) -> int:
     print(f"perplexity {result['ppl']:.4f} on {result['eval_tokens']} tokens ({result['eval_windows']} windows "
           f"of {args.seqlen})")
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        _on_main(atomic_write_text, args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -623,9 +623,9 @@ def cmd_compare(args) -> int:
     if args.json:
         payload = {"settings": session.settings.describe(), "model": session.loaded.source,
                    "data": session.data_summary(), "results": rows}
-        atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+        _on_main(atomic_write_text, args.json, json.dumps(payload, indent=2) + "\n")
     if report_path:
-        atomic_write_text(report_path, workflow.markdown_report(session, rows, command_line))
+        _on_main(atomic_write_text, report_path, workflow.markdown_report(session, rows, command_line))
         print(f"report: {report_path}" + (f"; json: {args.json}" if args.json else ""))
     return 0
 
@@ -635,10 +635,47 @@ COMMANDS = {"prune": cmd_prune, "expand": cmd_expand, "generate": cmd_generate, 
             "neurons": cmd_neurons, "activations": cmd_activations, "law": cmd_law}
 
 
+# Commands that run data-parallel under torchrun (each rank a share of the windows, rank 0 writes).
+DISTRIBUTED_COMMANDS = ("prune", "expand", "eval", "compare")
+
+
+def _join_ranks(args, argv: list[str] | None) -> None:
+    """Under torchrun: join the process group, check that every rank got the same command, keep the other
+    ranks quiet (rank 0 prints and writes)."""
+    from . import distributed
+
+    if not distributed.launched():
+        return
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise UsageError(f"{args.command} does not run under torchrun; run it as one process (distributed: "
+                         f"{', '.join(DISTRIBUTED_COMMANDS)})")
+    args.device = distributed.init_from_env(args.device)
+    distributed.check_same(list(sys.argv[1:] if argv is None else argv), "arguments")
+    if not distributed.is_main():
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")
+
+
+def _on_main(write, *args, **kwargs):
+    """Run a write on rank 0 only (every rank in one process), then let the ranks meet."""
+    from . import distributed
+
+    result = write(*args, **kwargs) if distributed.is_main() else None
+    distributed.barrier()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        _join_ranks(args, argv)
+    except UsageError as exc:
+        print(f"sparse-expansion: error: {exc}", file=sys.stderr)
+        return 2
     if getattr(args, "quiet", False):
         os.environ.setdefault("TQDM_DISABLE", "1")
         from transformers.utils import logging as hf_logging
@@ -648,11 +685,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:
-        print(f"sparse-expansion: error: {exc}", file=sys.stderr)
+        where = "" if distributed.is_main() else f" (rank {distributed.rank()})"
+        print(f"sparse-expansion: error{where}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sparse-expansion: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 2. For each block in turn, on the compute device, the stages of a `Step`:
    observe  - statistics (calibration/observers.py) watch named modules' inputs or outputs while the
               calibration batches run through the block;
-   reduce   - combine statistics (identity in one process; an all-reduce across processes);
+   reduce   - combine statistics (identity in one process; across the ranks of a torch.distributed run, each
+              of which captured its own contiguous share of the calibration batches: distributed.py);
    modify   - change the block (prune, expand, ...);
    propagate- run the batches through the *modified* block to produce the next block's inputs, so that
               errors accumulate as they will in the compressed model (as in SparseGPT);
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..models.discovery import ModelLayout, discover
 
 # Keyword arguments that carry the KV cache; calibration runs without one.
@@ -69,6 +71,16 @@ class Step:
 
 
 def identity_reduce(statistics: dict[str, object]) -> dict[str, object]:
+    return statistics
+
+
+def reduce_across_ranks(statistics: dict[str, object]) -> dict[str, object]:
+    """The default reduce: every statistic combined over the ranks of a torch.distributed run (the identity
+    in one process), in a fixed order so that every rank issues the same collectives."""
+    for name in sorted(statistics):
+        reducer = getattr(statistics[name], "all_reduce", None)
+        if reducer is not None:
+            reducer()
     return statistics
 
 
@@ -177,11 +189,13 @@ class SequentialCalibration:
             return forward
 
         batches: list[BlockBatch] = []
+        starts = list(range(0, windows.shape[0], self.batch_size))
+        starts = [starts[i] for i in distributed.shard(len(starts))]  # this rank's batches (all, in one process)
         self._move_non_block_parts(self.device)
         for index, block in enumerate(blocks):
             block.forward = recorder(index)  # an instance attribute: nn.Module.__call__ runs it
         try:
-            for start in range(0, windows.shape[0], self.batch_size):
+            for start in starts:
                 current.clear()
                 current["calls"] = []
                 memo.clear()
@@ -211,7 +225,7 @@ class SequentialCalibration:
         return outputs
 
     def run(self, windows: torch.Tensor, step: Step | None = None,
-            reduce: Callable[[dict], dict] = identity_reduce,
+            reduce: Callable[[dict], dict] = reduce_across_ranks,
             after_block: Callable[[int, nn.Module, list[torch.Tensor], dict], None] | None = None,
             stop_after: int | None = None) -> None:
         """Walk the blocks through the stages of `step` (see the module docstring)."""

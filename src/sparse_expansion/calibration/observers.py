@@ -1,6 +1,7 @@
 """Statistics of calibration tensors, accumulated batch by batch: `update(tensor)` adds a batch, and
 `merge(other)` combines two partial statistics (other batches, another cluster, another process) into
-exactly what one statistic fed with both would hold, up to rounding.
+exactly what one statistic fed with both would hold, up to rounding; `all_reduce()` does the same across
+the processes of a torch.distributed run (every rank then holds the statistic of all ranks' tokens).
 
 They know nothing of models or algorithms: the engine feeds them a module's inputs or outputs.
 """
@@ -8,6 +9,8 @@ They know nothing of models or algorithms: the engine feeds them a module's inpu
 from __future__ import annotations
 
 import torch
+
+from .. import distributed
 
 
 class _RunningMean:
@@ -23,6 +26,18 @@ class _RunningMean:
             mine.mul_(self.tokens / total).add_(theirs.to(mine.device), alpha=other.tokens / total)
         self.tokens = total
         self.derived.clear()
+        return self
+
+    def all_reduce(self) -> "_RunningMean":
+        """The token-weighted mean over every rank's tokens, on every rank (identity in one process)."""
+        if distributed.active():
+            field = getattr(self, self.FIELD)
+            total = distributed.all_sum(self.tokens)
+            distributed.all_reduce_sum_(field.mul_(self.tokens))
+            if total:
+                field.div_(total)
+            self.tokens = total
+            self.derived.clear()
         return self
 
     @classmethod
@@ -102,6 +117,11 @@ class TokenRecorder:
 
     def merge(self, other: "TokenRecorder") -> "TokenRecorder":
         self.batches.extend(other.batches)
+        return self
+
+    def all_reduce(self) -> "TokenRecorder":
+        """Every rank's tokens, in rank order (the order of one process walking all the batches)."""
+        self.batches = distributed.gather_tensors(self.batches)
         return self
 
     def all(self) -> torch.Tensor:

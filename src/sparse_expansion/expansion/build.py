@@ -7,6 +7,9 @@ For each block (on the dense block's calibration inputs):
 3. accumulate one statistic per cluster from that cluster's tokens and prune one copy of the dense
    weight per cluster with the experts' method from the pruning registry (SparseGPT by default; all
    experts of a layer in one batched pass);
+   under torch.distributed the recorded tokens are first gathered from every rank in rank order (the
+   one-process order), so routers and cluster statistics are the one-process ones, and the linears are
+   divided among the ranks, each broadcasting its experts;
 4. replace each FFN linear with an `ExpertLinear` and attach the routers to the block.
 With `selective` (a fraction p of rows), only the top p of each linear's output rows, by a score the caller
 supplies (`row_scores`), become expert rows (a (k, rows, in) stack pruned as above); the other rows are
@@ -29,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import distributed
 from ..calibration import SequentialCalibration, Step, TokenRecorder, Watch
 from ..errors import UsageError
 from ..layers import ROUTERS_ATTR, ExpertLinear, Router, SelectiveExpertLinear, clear_router_memos
@@ -208,6 +212,7 @@ class ExpandStep(Step):
         selective = config.selective is not None
         routers = nn.ModuleDict()
         prefix = f"{self.layout.blocks_path}.{index}"
+        position = -1
         for group, names in self.groups.items():
             batches = statistics[group].batches
             inputs = torch.cat(batches).to(self.device) if selective else None  # what the row scores read
@@ -227,7 +232,14 @@ class ExpandStep(Step):
                     zeros = [shared_zeros + z for z in (layer.expert_weight == 0).flatten(1).sum(1).tolist()]
                     extra = {"selected_rows": layer.selected_features}
                 else:
-                    layer = ExpertLinear(router, self._prune_experts(weight, stacked).to(weight.dtype), bias)
+                    # Under torch.distributed the linears are divided among the ranks, each broadcasts its experts.
+                    position += 1
+                    if distributed.mine(position):
+                        experts = self._prune_experts(weight, stacked).to(weight.dtype)
+                    else:
+                        experts = weight.new_empty((config.experts, *weight.shape))
+                    experts = distributed.broadcast_(experts, distributed.owner(position))
+                    layer = ExpertLinear(router, experts, bias)
                     zeros = (layer.weight == 0).flatten(1).sum(1).tolist()
                     extra = {}
                 block.set_submodule(name, layer)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..calibration import SequentialCalibration, Step, Watch
 from ..models.discovery import ModelLayout, linear_weight, set_linear_weight
 from .masks import check_nm_shape
@@ -38,22 +39,32 @@ class PruneReport:
                 "seconds": self.seconds, "overall_sparsity": self.overall_sparsity(), "layers": self.layers}
 
 
+def _pruned_weight(module: nn.Module, method: PruningMethod, statistic, spec: SparsitySpec, options: PruneOptions,
+                   compute_device: torch.device, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The module's weight pruned (only `rows`, when given: pruned as one matrix of their own, the others
+    left as they are)."""
+    weight = linear_weight(module).detach().to(compute_device)
+    if rows is None:
+        return method.prune(weight, statistic, spec, options)
+    rows = rows.to(compute_device)
+    pruned = weight.clone()
+    pruned[rows] = method.prune(weight[rows], statistic, spec, options)
+    return pruned
+
+
+def _record(name: str, pruned: torch.Tensor, report: PruneReport, rows: torch.Tensor | None = None) -> None:
+    measured = pruned if rows is None else pruned[rows.to(pruned.device)]
+    zeros = int((measured == 0).sum())
+    report.layers[name] = {"shape": list(measured.shape), "zeros": zeros, "numel": measured.numel(),
+                           "sparsity": zeros / measured.numel()}
+
+
 def _prune_linear(name: str, module: nn.Module, method: PruningMethod, statistic, spec: SparsitySpec,
                   options: PruneOptions, report: PruneReport, compute_device: torch.device,
                   rows: torch.Tensor | None = None) -> None:
-    weight = linear_weight(module).detach().to(compute_device)
-    if rows is None:
-        pruned = method.prune(weight, statistic, spec, options)
-    else:
-        # Only these output rows (neurons), pruned as one matrix of their own; the others stay as they are.
-        rows = rows.to(compute_device)
-        pruned = weight.clone()
-        pruned[rows] = method.prune(weight[rows], statistic, spec, options)
-        weight = weight[rows]
+    pruned = _pruned_weight(module, method, statistic, spec, options, compute_device, rows)
     set_linear_weight(module, pruned)
-    zeros = int((linear_weight(module) == 0).sum()) if rows is None else int((pruned[rows] == 0).sum())
-    numel = weight.numel()
-    report.layers[name] = {"shape": list(weight.shape), "zeros": zeros, "numel": numel, "sparsity": zeros / numel}
+    _record(name, linear_weight(module), report, rows)
 
 
 class PruneStep(Step):
@@ -74,14 +85,22 @@ class PruneStep(Step):
         return watches
 
     def modify(self, index: int, block: nn.Module, statistics: dict[str, object]) -> None:
-        for group, names in self.groups.items():
-            for name in names:
-                path = f"{self.layout.blocks_path}.{index}.{name}"
-                if self.rows is not None and path not in self.rows:
-                    continue
-                _prune_linear(path, block.get_submodule(name), self.method, statistics[group], self.spec,
-                              self.options, self.report, self.device,
-                              None if self.rows is None else self.rows[path])
+        """Prune each selected linear; under torch.distributed the linears are divided among the ranks and
+        each pruned weight is broadcast from the rank that computed it."""
+        work = [(group, name, f"{self.layout.blocks_path}.{index}.{name}") for group, names in self.groups.items()
+                for name in names]
+        work = [item for item in work if self.rows is None or item[2] in self.rows]
+        for position, (group, name, path) in enumerate(work):
+            module = block.get_submodule(name)
+            rows = None if self.rows is None else self.rows[path]
+            current = linear_weight(module)
+            if distributed.mine(position):
+                pruned = _pruned_weight(module, self.method, statistics[group], self.spec, self.options, self.device,
+                                        rows).to(current.dtype)
+            else:
+                pruned = torch.empty(current.shape, dtype=current.dtype, device=self.device)
+            set_linear_weight(module, distributed.broadcast_(pruned, distributed.owner(position)))
+            _record(path, linear_weight(module), self.report, rows)
 
 
 def prune_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor | None, method: PruningMethod,
