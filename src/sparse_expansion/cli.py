@@ -91,6 +91,12 @@ def _add_expansion_options(parser: argparse.ArgumentParser, multi_experts: bool 
                             "the other rows are pruned once and shared (default: expand every row)")
 
 
+def _add_resume_option(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help=f"continue an interrupted run from its state directory ({where}); the result is the "
+                             "one an uninterrupted run gives")
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--eval", action="store_true", help="also measure perplexity and record it in the manifest")
@@ -116,12 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pruning_options(prune)
     _add_data_options(prune)
     _add_output_options(prune)
+    _add_resume_option(prune, "OUT.partial, written block by block")
 
     expand = sub.add_parser("expand", help="build a Sparse Expansion model (mixture of sparse FFN experts) and save it")
     _add_pruning_options(expand)
     _add_expansion_options(expand)
     _add_data_options(expand)
     _add_output_options(expand)
+    _add_resume_option(expand, "OUT.partial, written block by block")
 
     gen = sub.add_parser("generate", help="generate text with a dense, pruned or expanded model (KV cache on)")
     gen.add_argument("--model", default=None, help="model directory (default: the embedded model)")
@@ -317,52 +325,112 @@ def _print(text: str, quiet: bool = False) -> None:
         print(text, flush=True)
 
 
+def _fingerprint(args) -> dict:
+    """What a resumed run must share with the interrupted one: every option but where and how it reports."""
+    volatile = {"out", "resume", "overwrite", "quiet", "eval", "json", "report"}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in volatile}
+
+
+def _build_streamed(args, command: str, report, job, extra_of=None):
+    """Open (or resume) the run's state directory, build block by block into it, then make it `--out`.
+    Returns (session, report, manifest). `job(session, model, engine_options, report)` runs the engine."""
+    from . import distributed, workflow
+    from .io import save_model_dir
+    from .io.model_dir import update_manifest
+    from .models import load_model
+    from .workflow import streamed
+
+    keep = command == "prune" and args.format == "dense"  # a plain HF checkpoint is written whole at the end
+    store = streamed.open_store(args.out, _fingerprint(args), args.resume)
+    try:
+        session = workflow.open_session(_settings(args), stream=not keep)
+        if store is not None and store.done and not args.quiet:
+            print(f"resuming after block {store.done - 1} of {store.path}", file=sys.stderr)
+        streamed.build_streamed(session, store, lambda model, options, rep: job(session, model, options, rep),
+                                report, args.format, keep_model=keep)
+    except BaseException:
+        if distributed.is_main() and store is not None and store.done == 0:
+            store.discard()  # nothing worth resuming
+        elif distributed.is_main() and store is not None:
+            print(f"sparse-expansion: state kept for --resume {store.path}", file=sys.stderr)
+        raise
+    extra = extra_of(session, store) if extra_of is not None else {}
+    data = workflow.manifest(session, command, report, _options(args), extra)
+    if keep:
+        _on_main(save_model_dir, session.model, session.tokenizer, args.out, data, weight_format=args.format,
+                 overwrite=args.overwrite)
+        _on_main(store.discard) if store is not None else None
+    else:
+        streamed.finish_streamed(session, store, args.out, data)
+    if args.eval:
+        built = load_model(args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code, quiet=True).model
+        data["perplexity"] = workflow.evaluate(session, built)
+        _on_main(update_manifest, args.out, {"perplexity": data["perplexity"]})
+    return session, data
+
+
 def cmd_prune(args) -> int:
     from . import workflow
     from .io import check_output_path, save_model_dir
-    from .pruning import get_method
+    from .pruning import PruneReport, get_method
 
     spec = _specs(args)[0]
     options = _options(args)
-
-    get_method(args.method, options.bits)
+    method = get_method(args.method, options.bits)
     check_output_path(args.out, args.overwrite)
-    session = workflow.open_session(_settings(args))
-    report = workflow.prune_session_model(session, session.model, args.method, spec, options)
-    extra = {"perplexity": workflow.evaluate(session, session.model)} if args.eval else None
-    data = workflow.manifest(session, "prune", report, options, extra)
-    _on_main(save_model_dir, session.model, session.tokenizer, args.out, data, weight_format=args.format,
-             overwrite=args.overwrite)
+    if method.statistic is None:
+        # Data-free (magnitude): seconds for any model, no calibration walk to stream or resume.
+        if args.resume:
+            raise UsageError(f"--resume: {args.method} uses no calibration data and is not resumable; run it again")
+        session = workflow.open_session(_settings(args))
+        report = workflow.prune_session_model(session, session.model, args.method, spec, options)
+        data = workflow.manifest(session, "prune", report, options)
+        if args.eval:
+            data["perplexity"] = workflow.evaluate(session, session.model)
+        _on_main(save_model_dir, session.model, session.tokenizer, args.out, data, weight_format=args.format,
+                 overwrite=args.overwrite)
+    else:
+        report = PruneReport(method=method.name, spec=spec, scope=args.scope)
+
+        def job(session, model, engine_options, rep):
+            return workflow.prune_session_model(session, model, args.method, spec, options, engine_options, rep)
+
+        session, data = _build_streamed(args, "prune", report, job)
     print(f"{args.method} {spec.label}: measured sparsity {report.overall_sparsity():.4f} over "
           f"{len(report.layers)} layers in {report.seconds:.1f} s -> {args.out}")
-    if extra:
-        print(f"perplexity {extra['perplexity']['ppl']:.3f} on {extra['perplexity']['eval_tokens']} tokens")
+    if args.eval:
+        print(f"perplexity {data['perplexity']['ppl']:.3f} on {data['perplexity']['eval_tokens']} tokens")
     return 0
 
 
 def cmd_expand(args) -> int:
     from . import workflow
-    from .io import check_output_path, save_model_dir
+    from .expansion import ExpansionReport
+    from .io import check_output_path
+    from .workflow import streamed
 
     spec = _specs(args)[0]
     options = _options(args)
     config = _expansion(args, args.experts)
     check_output_path(args.out, args.overwrite)
-    session = workflow.open_session(_settings(args))
-    report = workflow.expand_session_model(session, session.model, spec, options, config)
-    extra = {"costs": workflow.ffn_costs(session.model, session.layout)}
-    if args.eval:
-        extra["perplexity"] = workflow.evaluate(session, session.model)
-    data = workflow.manifest(session, "expand", report, options, extra)
-    _on_main(save_model_dir, session.model, session.tokenizer, args.out, data, weight_format=args.format,
-             overwrite=args.overwrite)
+    report = ExpansionReport(spec=spec, config=config)
+
+    def job(session, model, engine_options, rep):
+        return workflow.expand_session_model(session, model, spec, options, config, engine_options, report=rep)
+
+    def extra_of(session, store):
+        return {"costs": streamed.streamed_costs(session, store)} if store is not None else {}
+
+    _, data = _build_streamed(args, "expand", report, job, extra_of)
     print(f"sparse expansion x{config.experts} at {spec.label}: {report.overall_sparsity():.4f} sparsity per expert, "
           f"{report.fallbacks()} fallback experts, {report.seconds:.1f} s -> {args.out}")
-    costs = extra["costs"]
-    print(f"FFN FLOPs/token {costs['ffn_flops_per_token'] / 1e6:.1f} M (dense {costs['ffn_dense_flops_per_token'] / 1e6:.1f} M, "
-          f"router {costs['router_flops_per_token'] / 1e6:.2f} M); stored {costs['stored_bytes'] / 2**20:.0f} MiB")
+    costs = data.get("costs")
+    if costs:
+        print(f"FFN FLOPs/token {costs['ffn_flops_per_token'] / 1e6:.1f} M (dense "
+              f"{costs['ffn_dense_flops_per_token'] / 1e6:.1f} M, router {costs['router_flops_per_token'] / 1e6:.2f} M); "
+              f"stored {costs['stored_bytes'] / 2**20:.0f} MiB")
     if args.eval:
-        print(f"perplexity {extra['perplexity']['ppl']:.3f} on {extra['perplexity']['eval_tokens']} tokens")
+        print(f"perplexity {data['perplexity']['ppl']:.3f} on {data['perplexity']['eval_tokens']} tokens")
     return 0
 
 

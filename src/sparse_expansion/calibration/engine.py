@@ -227,13 +227,32 @@ class SequentialCalibration:
     def run(self, windows: torch.Tensor, step: Step | None = None,
             reduce: Callable[[dict], dict] = reduce_across_ranks,
             after_block: Callable[[int, nn.Module, list[torch.Tensor], dict], None] | None = None,
-            stop_after: int | None = None) -> None:
-        """Walk the blocks through the stages of `step` (see the module docstring)."""
+            stop_after: int | None = None, start: int = 0,
+            restore: Callable[[int, nn.Module], None] | None = None,
+            onload: Callable[[int, nn.Module], None] | None = None,
+            offload: Callable[[int, nn.Module], None] | None = None) -> None:
+        """Walk the blocks through the stages of `step` (see the module docstring).
+
+        Resuming: blocks before `start` were already done (by an interrupted run): `restore(index, block)` puts
+        their saved state back and they only propagate, so the next blocks see what an uninterrupted run would.
+        Streaming: `onload(index, block)` runs before a block's turn (e.g. reads its weights from disk) and
+        `offload(index, block)` after it, instead of moving the block back to where it was.
+        """
+        if start and restore is None:
+            raise ValueError("resuming at a later block needs restore")
         batches = self.capture(windows)
         blocks = self.layout.blocks
         count = len(blocks) if stop_after is None else min(len(blocks), stop_after + 1)
         for index in tqdm(range(count), desc=self.desc, disable=not self.progress, leave=False):
+            if onload is not None:
+                onload(index, blocks[index])
             block = blocks[index].to(self.device)
+            if index < start:
+                restore(index, block)
+                block = blocks[index].to(self.device)
+                batches = self.forward_block(index, block, batches, keep_outputs=True)
+                self._release(index, blocks[index], offload)
+                continue
             watches = step.observe(index, block) if step is not None else {}
             if step is not None and step.modifies:
                 if watches:
@@ -250,7 +269,13 @@ class SequentialCalibration:
                     step.modify(index, block, statistics)
             if after_block is not None:
                 after_block(index, block, [b.hidden for b in batches], statistics)
-            blocks[index].to(self.home)
+            self._release(index, blocks[index], offload)
+
+    def _release(self, index: int, block: nn.Module, offload) -> None:
+        if offload is not None:
+            offload(index, block)
+        else:
+            block.to(self.home)
 
 
 @torch.no_grad()

@@ -273,7 +273,7 @@ class ExpandStep(Step):
 def expand_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, spec: SparsitySpec,
                  config: ExpansionConfig, options: PruneOptions | None = None, device: torch.device | str = "cpu",
                  batch_size: int = 8, progress: bool = True, engine_options: dict | None = None,
-                 row_scores: RowScores | None = None) -> ExpansionReport:
+                 row_scores: RowScores | None = None, report: ExpansionReport | None = None) -> ExpansionReport:
     """Turn every FFN linear of every block into `config.experts` SparseGPT experts, in place.
 
     With `config.selective`, only the rows that `row_scores` ranks highest become experts (see `RowScores`).
@@ -289,7 +289,7 @@ def expand_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, s
     if tokens < config.experts:
         raise UsageError(f"{config.experts} experts but only {tokens} calibration tokens; use fewer experts "
                          "or more calibration data")
-    report = ExpansionReport(spec=spec, config=config)
+    report = report or ExpansionReport(spec=spec, config=config)
     start = time.perf_counter()
 
     method = get_method(config.method, options.bits)

@@ -36,14 +36,18 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    move_into_place(tmp, final)
+
+
+def move_into_place(done: Path, final: Path) -> None:
+    """Rename a complete directory to `final` (same file system); an old `final` is kept until the swap."""
     if final.exists():
-        # Keep the old result until the new one is complete, then swap.
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
         os.replace(final, trash / "old")
-        os.replace(tmp, final)
+        os.replace(done, final)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        os.replace(done, final)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

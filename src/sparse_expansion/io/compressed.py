@@ -143,7 +143,7 @@ def _decode(name: str, entry: dict, read) -> torch.Tensor:
     raise UsageError(f"unknown encoding {encoding!r} for tensor {name}")
 
 
-def save_compressed(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
+def save_compressed(state: dict[str, torch.Tensor], path: str | Path,
                     allow: tuple[str, ...] = ("dense", "bitmask", "csr"), pack: bool = True) -> dict:
     """Write `state` with the smallest allowed encoding per tensor; returns the index (name -> entry).
     `pack=False` skips the entropy stage (every array stored as it is)."""
@@ -172,10 +172,9 @@ def save_compressed(state: dict[str, torch.Tensor], path: str | Path, metadata: 
         if packing:
             index[name]["packed"] = packing
         index[name]["bytes"] = stored
-    header = dict(metadata or {})
-    header["format"] = "pt"
-    header[INDEX_KEY] = json.dumps(index, separators=(",", ":"))
-    save_file(tensors, str(path), metadata=header)
+    # One metadata entry: safetensors writes several in a different order in every process, and the same
+    # tensors must give the same bytes (a resumed build is checked file for file against an uninterrupted one).
+    save_file(tensors, str(path), metadata={INDEX_KEY: json.dumps(index, separators=(",", ":"))})
     return index
 
 

@@ -5,9 +5,10 @@ A directory holds:
 - the weights, in one of two forms:
   - `hf`: a plain Hugging Face checkpoint (`model.safetensors`, or shards and their index) that any tool
     reads: only for models whose every layer is the model's own (dense or pruned, `--format dense`);
-  - `state-dict`: one safetensors file of the whole state dict, tied tensors once, written by
-    io/compressed.py: `model.compressed.safetensors` (sparse tensors as bitmask or CSR plus zstd byte
-    planes) or, with `--format dense`, `model.safetensors` with every tensor stored as it is;
+  - `state-dict`: the state dict in safetensors files written by io/compressed.py, tied tensors once:
+    `model.compressed.safetensors` (sparse tensors as bitmask or CSR plus zstd byte planes) or, with
+    `--format dense`, `model.safetensors` with every tensor stored as it is; a build streamed block by
+    block (io/block_store.py) writes one file per decoder block and one for the rest;
 - `manifest.json`: `format` (`sparse-expansion/model`, version), `weights` (form, files and the sha256 of
   every weight file), `custom_layers` (every layer the toolkit created, by path: its kind and the spec
   that rebuilds it, layers/protocol.py), and what the job that wrote it recorded (settings, data,
@@ -32,7 +33,7 @@ from torch import nn
 from ..errors import UsageError
 from ..layers.protocol import kind_named, kind_of, unique_tensor_bytes
 from ..runtime import first_line
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, atomic_write_text
 from .compressed import COMPRESSED_WEIGHTS_FILE, load_compressed, resolve_weight_format, save_compressed
 
 FORMAT = "sparse-expansion/model"
@@ -85,19 +86,33 @@ def save_model_dir(model: nn.Module, tokenizer, out: str | Path, manifest: dict 
                 model.generation_config.save_pretrained(tmp)
             name = COMPRESSED_WEIGHTS_FILE if weight_format == "compressed" else STATE_DICT_FILE
             allow = ("dense", "bitmask", "csr") if weight_format == "compressed" else ("dense",)
-            save_compressed(state, tmp / name, metadata={"producer": FORMAT}, allow=allow,
+            save_compressed(state, tmp / name, allow=allow,
                             pack=weight_format == "compressed")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        files = sorted(p.name for p in tmp.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
-        data = {**(manifest or {}), "format": FORMAT, "version": FORMAT_VERSION,
-                "weights": {"form": form, "encoding": weight_format,
-                            "bytes": sum((tmp / f).stat().st_size for f in files),
-                            "dense_bytes": unique_tensor_bytes(state.values()),
-                            "sha256": {f: file_sha256(tmp / f) for f in files}},
-                "custom_layers": layers}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        write_manifest(tmp, manifest, form, weight_format, unique_tensor_bytes(state.values()), layers)
     return Path(out)
+
+
+def write_manifest(directory: Path, manifest: dict | None, form: str, encoding: str, dense_bytes: int,
+                   layers: dict) -> dict:
+    """The manifest of a directory whose weight files are written: checksums of every weight file."""
+    files = sorted(p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    data = {**(manifest or {}), "format": FORMAT, "version": FORMAT_VERSION,
+            "weights": {"form": form, "encoding": encoding,
+                        "bytes": sum((directory / f).stat().st_size for f in files),
+                        "dense_bytes": dense_bytes,
+                        "sha256": {f: file_sha256(directory / f) for f in files}},
+            "custom_layers": layers}
+    (directory / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return data
+
+
+def update_manifest(path: str | Path, fields: dict) -> None:
+    """Add fields to a written directory's manifest (atomically; the weight files and checksums stay)."""
+    file = Path(path) / MANIFEST_FILE
+    data = json.loads(file.read_text(encoding="utf-8"))
+    atomic_write_text(file, json.dumps({**data, **fields}, indent=2) + "\n")
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -169,8 +184,8 @@ def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     files = [f for f in manifest["weights"]["sha256"] if f.endswith(".safetensors")]
-    if len(files) != 1:
-        raise UsageError(f"{path / MANIFEST_FILE}: a state-dict directory has one weight file, found {files}")
+    if not files:
+        raise UsageError(f"{path / MANIFEST_FILE}: a state-dict directory lists no weight file")
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
@@ -178,17 +193,19 @@ def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remo
         rebuild_layers(model, manifest.get("custom_layers", {}), dtype)
     except (KeyError, IndexError, AttributeError, TypeError) as exc:
         raise UsageError(f"{path / MANIFEST_FILE} does not match the model in config.json: {first_line(exc)}") from None
-    state = load_compressed(path / files[0])
-    try:
-        result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:
-        raise UsageError(f"{path / files[0]} does not match {MANIFEST_FILE}: {first_line(exc)}") from None
-    if result.unexpected_keys:
-        raise UsageError(f"{path / files[0]} has tensors the model does not: {', '.join(result.unexpected_keys[:3])}")
+    for name in files:  # one file, or one per block and one for the rest (a streamed build)
+        state = load_compressed(path / name)
+        try:
+            result = model.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as exc:
+            raise UsageError(f"{path / name} does not match {MANIFEST_FILE}: {first_line(exc)}") from None
+        if result.unexpected_keys:
+            raise UsageError(f"{path / name} has tensors the model does not: {', '.join(result.unexpected_keys[:3])}")
+        del state
     model.tie_weights()
     missing = [name for name, p in (*model.named_parameters(), *model.named_buffers()) if p.is_meta]
     if missing:
-        raise UsageError(f"{path / files[0]} lacks tensors of the model: {', '.join(missing[:3])}")
+        raise UsageError(f"{path} lacks tensors of the model: {', '.join(missing[:3])}")
     return model.to(dtype)
 
 

@@ -14,27 +14,36 @@ from ..layers.protocol import kind_of, unique_tensor_bytes
 from .discovery import ModelLayout
 
 
-def ffn_costs(model: nn.Module, layout: ModelLayout) -> dict:
+def block_ffn_costs(block: nn.Module, layout: ModelLayout) -> dict:
+    """One block's share of `ffn_costs` (what a build streamed block by block adds up)."""
     dense = sparse = router = 0.0
     ffn_params = 0
-    for block in layout.blocks:
-        for lin in layout.select("ffn"):
-            module = block.get_submodule(lin.name)
-            dense += 2 * lin.in_features * lin.out_features
-            sparse += kind_of(module).flops_per_token(module)
-            # What is stored (not the materialised expert matrices of a selective layer): weights, no bias.
-            ffn_params += sum(p.numel() for name, p in module.named_parameters(recurse=False) if name != "bias")
-        for module in block.modules():
-            kind = kind_of(module)
-            if kind is not None and kind.router:
-                router += kind.flops_per_token(module)
-    return {
-        "ffn_dense_flops_per_token": int(dense),
-        "ffn_flops_per_token": sparse + router,
-        "router_flops_per_token": int(router),
-        "ffn_params_stored": ffn_params,
-        "stored_bytes": unique_tensor_bytes([*model.parameters(), *model.buffers()]),
-    }
+    for lin in layout.select("ffn"):
+        module = block.get_submodule(lin.name)
+        dense += 2 * lin.in_features * lin.out_features
+        sparse += kind_of(module).flops_per_token(module)
+        # What is stored (not the materialised expert matrices of a selective layer): weights, no bias.
+        ffn_params += sum(p.numel() for name, p in module.named_parameters(recurse=False) if name != "bias")
+    for module in block.modules():
+        kind = kind_of(module)
+        if kind is not None and kind.router:
+            router += kind.flops_per_token(module)
+    return {"ffn_dense_flops_per_token": dense, "ffn_flops_per_token": sparse + router,
+            "router_flops_per_token": router, "ffn_params_stored": ffn_params}
+
+
+def sum_block_costs(per_block: list[dict], stored_bytes: int) -> dict:
+    total = {key: sum(b[key] for b in per_block) for key in ("ffn_dense_flops_per_token", "ffn_flops_per_token",
+                                                             "router_flops_per_token", "ffn_params_stored")}
+    for key in ("ffn_dense_flops_per_token", "router_flops_per_token", "ffn_params_stored"):
+        total[key] = int(total[key])
+    total["stored_bytes"] = stored_bytes
+    return total
+
+
+def ffn_costs(model: nn.Module, layout: ModelLayout) -> dict:
+    return sum_block_costs([block_ffn_costs(block, layout) for block in layout.blocks],
+                           unique_tensor_bytes([*model.parameters(), *model.buffers()]))
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:

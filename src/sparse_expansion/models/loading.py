@@ -23,6 +23,7 @@ import torch
 from ..errors import UsageError
 from ..io.model_dir import load_model_dir, save_model_dir
 from ..runtime import CACHE_ENV, cache_dir, first_line, parse_dtype, resolve_device
+from .streaming import open_streamed, streamable
 
 __all__ = ["CACHE_ENV", "DEFAULT_MODEL_NAME", "LoadedModel", "cache_dir", "context_length", "default_model_dir",
            "embedded_gguf_path", "load_model", "parse_dtype", "resolve_device"]
@@ -38,6 +39,7 @@ class LoadedModel:
     source: str  # what the user asked for, resolved (path or hub id)
     path: Path | None  # local directory holding config/tokenizer, when there is one
     manifest: dict | None = None  # what this tool recorded when it wrote the directory
+    streamed: object | None = None  # StreamedBlocks when the blocks stay on disk until their turn (streaming.py)
 
 
 def embedded_gguf_path() -> Path:
@@ -117,8 +119,10 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     quiet: bool = False,
+    stream: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from any of the accepted `--model` forms."""
+    """Load a causal LM and its tokenizer from any of the accepted `--model` forms. `stream`: leave the decoder
+    blocks on disk (StreamedBlocks reads each at its turn) when the directory allows it (models/streaming.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
@@ -130,6 +134,15 @@ def load_model(
         path = Path(spec).expanduser()
         source = str(spec)
     manifest = None
+    if stream and streamable(path):
+        with _quiet_transformers(quiet):
+            model, streamed = open_streamed(path, torch_dtype, trust_remote_code)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                          trust_remote_code=trust_remote_code)
+            except (OSError, ValueError, KeyError) as exc:
+                raise UsageError(f"could not load the tokenizer of {path}: {first_line(exc)}") from None
+        return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path, streamed=streamed)
     if path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, torch_dtype, quiet)
         local_dir = None

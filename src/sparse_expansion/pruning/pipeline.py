@@ -106,19 +106,21 @@ class PruneStep(Step):
 def prune_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor | None, method: PruningMethod,
                 spec: SparsitySpec, scope: str = "ffn", options: PruneOptions | None = None,
                 device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = True,
-                engine_options: dict | None = None, rows: dict[str, torch.Tensor] | None = None) -> PruneReport:
+                engine_options: dict | None = None, rows: dict[str, torch.Tensor] | None = None,
+                report: PruneReport | None = None) -> PruneReport:
     """Prune the selected linears of every block in place and report the measured sparsity per layer.
 
     `engine_options` go to `SequentialCalibration.run` (reduce, after_block, stop_after). `rows` (layer path
     -> output row indices) prunes only those rows of those layers (the neuron ablation); the layers'
-    reported sparsity is then that of the pruned rows.
+    reported sparsity is then that of the pruned rows. `report`: one to fill (e.g. holding the layers of
+    blocks restored by a resumed run), else a new one.
     """
     options = options or PruneOptions()
     device = torch.device(device)
     selected = layout.select(scope)
     for lin in selected:
         check_nm_shape(lin.in_features, spec, lin.name)
-    report = PruneReport(method=method.name, spec=spec, scope=scope)
+    report = report or PruneReport(method=method.name, spec=spec, scope=scope)
     prefix = layout.blocks_path
     start = time.perf_counter()
 

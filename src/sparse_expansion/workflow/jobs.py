@@ -18,17 +18,20 @@ SCORE_CHUNK_ELEMENTS = 1 << 24  # neuron outputs scored at a time (tokens x neur
 
 
 def prune_session_model(session: Session, model, method_name: str, spec: SparsitySpec,
-                        options: PruneOptions, engine_options: dict | None = None) -> PruneReport:
+                        options: PruneOptions, engine_options: dict | None = None,
+                        report: PruneReport | None = None) -> PruneReport:
     method = get_method(method_name, options.bits)
     s = session.settings
     windows = session.calibration() if method.statistic is not None else None
     return prune_model(model, discover(model), windows, method, spec, scope=s.scope, options=options,
-                       device=s.device, batch_size=s.batch_size, progress=not s.quiet, engine_options=engine_options)
+                       device=s.device, batch_size=s.batch_size, progress=not s.quiet, engine_options=engine_options,
+                       report=report)
 
 
 def expand_session_model(session: Session, model, spec: SparsitySpec, options: PruneOptions,
                          config: ExpansionConfig, engine_options: dict | None = None,
-                         row_scores: RowScores | None = None) -> ExpansionReport:
+                         row_scores: RowScores | None = None, report: ExpansionReport | None = None
+                         ) -> ExpansionReport:
     """Expand the model on the session's calibration data. A selective expansion ranks rows by `row_scores`,
     by default the Wasserstein distance of each neuron's calibration outputs to a Gaussian."""
     s = session.settings
@@ -37,7 +40,7 @@ def expand_session_model(session: Session, model, spec: SparsitySpec, options: P
         row_scores = wasserstein_row_scores
     return expand_model(model, discover(model), session.calibration(), spec, config, options=options,
                         device=s.device, batch_size=s.batch_size, progress=not s.quiet, engine_options=engine_options,
-                        row_scores=row_scores)
+                        row_scores=row_scores, report=report)
 
 
 def wasserstein_row_scores(path: str, weight: torch.Tensor, inputs: torch.Tensor,

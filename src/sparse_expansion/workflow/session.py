@@ -106,11 +106,12 @@ class Session:
         return summary
 
 
-def open_session(settings: RunSettings) -> Session:
-    """Validate cheap options, load the model (on the CPU; blocks visit the device one at a time)."""
+def open_session(settings: RunSettings, stream: bool = False) -> Session:
+    """Validate cheap options, load the model (on the CPU; blocks visit the device one at a time). `stream`:
+    leave the blocks on disk until their turn where the model directory allows it."""
     settings.validate()
     loaded = load_model(settings.model, dtype=settings.dtype, device="cpu",
-                        trust_remote_code=settings.trust_remote_code, quiet=settings.quiet)
+                        trust_remote_code=settings.trust_remote_code, quiet=settings.quiet, stream=stream)
     return session_for(loaded, settings)
 
 

@@ -1,0 +1,122 @@
+"""A model whose decoder blocks stay on disk until their turn: peak memory grows with one block.
+
+`open_streamed(path)` builds the model from its config with empty (meta) weights, reads everything but
+the decoder blocks from the checkpoint's safetensors files, and returns `StreamedBlocks`, whose `onload`
+reads one block's tensors when the calibration engine reaches it and whose `offload` drops them again
+(back to meta) once the block is written out. Works for Hugging Face checkpoints in safetensors (one file
+or shards with an index) whose tensor names are the model's own (what `save_pretrained` writes; the
+embedded model's cache is one); `streamable(path)` says whether a directory is one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..io.model_dir import read_manifest, verify_weights
+from ..runtime import first_line
+from .discovery import ModelLayout, discover
+
+
+def _weight_files(path: Path) -> list[Path] | None:
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            return None
+        return [path / name for name in names]
+    return None
+
+
+def streamable(path: str | Path | None) -> bool:
+    """A local Hugging Face directory in safetensors (not a pruned or expanded model of this tool's format)."""
+    if path is None:
+        return False
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file() or _weight_files(path) is None:
+        return False
+    manifest = read_manifest(path)
+    return manifest is None or manifest["weights"]["form"] == "hf"
+
+
+class StreamedBlocks:
+    """Reads a block's tensors from the checkpoint on `onload`, frees them on `offload`."""
+
+    def __init__(self, model: nn.Module, layout: ModelLayout, locations: dict[str, Path], dtype: torch.dtype):
+        self.model, self.layout, self.locations, self.dtype = model, layout, locations, dtype
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.locations[name], []).append(name)
+        tensors = {}
+        for file, keys in by_file.items():
+            with safe_open(str(file), framework="pt") as handle:
+                for key in keys:
+                    tensors[key] = handle.get_tensor(key).to(self.dtype)
+        return tensors
+
+    def block_names(self, index: int) -> list[str]:
+        prefix = f"{self.layout.blocks_path}.{index}."
+        return [name for name in self.locations if name.startswith(prefix)]
+
+    def onload(self, index: int, block: nn.Module) -> None:
+        prefix = f"{self.layout.blocks_path}.{index}."
+        state = {name[len(prefix):]: tensor for name, tensor in self._read(self.block_names(index)).items()}
+        missing = [n for n, p in (*block.named_parameters(), *block.named_buffers())
+                   if p.is_meta and n not in state]
+        if missing:
+            raise UsageError(f"the checkpoint has no tensor {prefix}{missing[0]}; it cannot be streamed")
+        block.load_state_dict(state, strict=False, assign=True)
+
+    @staticmethod
+    def offload(index: int, block: nn.Module) -> None:
+        block.to("meta")
+
+
+def open_streamed(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """(model with empty blocks, StreamedBlocks) for a `streamable` directory."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is not None:
+        verify_weights(path, manifest)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"could not load model directory {path}: {first_line(exc)}") from None
+    layout = discover(model)
+    locations: dict[str, Path] = {}
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                locations[key] = file
+    streamed = StreamedBlocks(model, layout, locations, dtype)
+    blocks_prefix = layout.blocks_path + "."
+    rest = streamed._read([n for n in locations if not n.startswith(blocks_prefix)])
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise UsageError(f"{path}: tensors the model does not have ({result.unexpected_keys[0]}); it cannot be "
+                         "streamed")
+    model.tie_weights()
+    missing = [n for n, p in (*model.named_parameters(), *model.named_buffers())
+               if p.is_meta and not n.startswith(blocks_prefix)]
+    if missing:
+        raise UsageError(f"{path}: the checkpoint has no tensor {missing[0]}; it cannot be streamed")
+    model.eval()
+    return model, streamed

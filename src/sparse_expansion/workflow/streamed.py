@@ -1,0 +1,136 @@
+"""Build a pruned or expanded model block by block into its output directory, resumably.
+
+Each finished block goes to the output's state directory (io/block_store.py) through the engine's
+after-block callback and, unless the model is wanted whole afterwards, leaves memory (its tensors are
+freed; with a streamed source the next block is read from disk only at its turn): the build holds one
+block, its calibration activations and the parts outside the blocks. A run interrupted at any point is
+continued by `--resume DIR`: the recorded blocks are put back (`restore`) and only propagate the
+calibration batches, so every later block calibrates on exactly what an uninterrupted run would see; the
+result is the same, bit for bit.
+
+Under torch.distributed every rank computes, rank 0 writes, and every rank restores from the same directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..io.block_store import BlockStore, default_state_dir
+from ..io.compressed import resolve_weight_format
+from ..io.model_dir import describe_layers, rebuild_layers
+from ..layers import clear_router_memos
+from ..models.costs import block_ffn_costs, sum_block_costs
+from ..runtime import release_memory
+from .session import Session
+
+# job(model, engine_options, report) -> report; the report is filled in place (restored blocks first)
+Job = Callable[[nn.Module, dict, object], object]
+
+
+def _block_state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items() if name.startswith(prefix)}
+
+
+def _record_of(report, prefix: str) -> dict:
+    record = {"layers": {k: v for k, v in report.layers.items() if k.startswith(prefix)}}
+    routers = getattr(report, "routers", None)
+    if routers is not None:
+        record["routers"] = {k: v for k, v in routers.items() if k.startswith(prefix)}
+    return record
+
+
+def _restore_record(report, record: dict) -> None:
+    report.layers.update(record["layers"])
+    if "routers" in record:
+        report.routers.update(record["routers"])
+
+
+def open_store(out: str, fingerprint: dict, resume: str | None) -> BlockStore | None:
+    """The run's state directory: `--resume DIR`, else `OUT.partial` (rank 0 creates it; the others read)."""
+    path = Path(resume) if resume else default_state_dir(out)
+    store = None
+    if distributed.is_main():
+        store = BlockStore(path, fingerprint, resume=bool(resume))
+    distributed.barrier()
+    if not distributed.is_main():
+        store = BlockStore(path, fingerprint, resume=True)
+    return store
+
+
+def build_streamed(session: Session, store: BlockStore, job: Job, report, weight_format: str,
+                   keep_model: bool = False) -> object:
+    """Run `job` with the engine options that save every block to `store` (and restore the ones it has);
+    blocks leave memory after being saved unless `keep_model`. Returns the job's report."""
+    model, layout = session.model, session.layout
+    streamed = session.loaded.streamed
+    dtype = next((p.dtype for p in model.parameters() if not p.is_meta), torch.float32)
+    encoding = store.state.get("encoding")
+    for index in range(store.done):
+        _restore_record(report, store.record(index))
+
+    def restore(index: int, block: nn.Module) -> None:
+        rebuild_layers(model, store.layers(index), dtype)
+        result = model.load_state_dict(store.load_block(index), strict=False, assign=True)
+        assert not result.unexpected_keys, result.unexpected_keys
+
+    def after_block(index: int, block: nn.Module, hidden, statistics) -> None:
+        nonlocal encoding
+        prefix = f"{layout.blocks_path}.{index}."
+        if distributed.is_main():
+            state = _block_state(model, prefix)
+            if encoding is None:
+                encoding = resolve_weight_format(state, weight_format)
+                store.state["encoding"] = encoding
+            layers = {k: v for k, v in describe_layers(model).items() if k.startswith(prefix)}
+            record = {**_record_of(report, prefix), "costs": block_ffn_costs(block, layout)}
+            store.save_block(index, state, layers, record, encoding)
+            del state
+        distributed.barrier()
+
+    def offload(index: int, block: nn.Module) -> None:
+        if keep_model:
+            block.to("cpu")
+        else:
+            clear_router_memos(block)
+            block.to("meta")  # saved: its tensors are no longer needed here
+            release_memory()
+
+    options = {"start": store.done, "restore": restore, "after_block": after_block, "offload": offload}
+    if streamed is not None:
+        options["onload"] = streamed.onload
+    result = job(model, options, report)
+    if encoding is None:
+        encoding = resolve_weight_format({}, "compressed" if weight_format == "auto" else weight_format)
+    store.state["encoding"] = encoding
+    return result
+
+
+def _rest(session: Session) -> dict[str, torch.Tensor]:
+    blocks_prefix = session.layout.blocks_path + "."
+    return {name: t.detach().cpu() for name, t in session.model.state_dict().items()
+            if not name.startswith(blocks_prefix)}
+
+
+def streamed_costs(session: Session, store: BlockStore) -> dict:
+    """`ffn_costs` of the built model, from what each block recorded (the blocks are no longer in memory)."""
+    return sum_block_costs([store.record(i)["costs"] for i in range(store.done)], store.dense_bytes(_rest(session)))
+
+
+def finish_streamed(session: Session, store: BlockStore | None, out: str, manifest: dict) -> None:
+    """Write the parts outside the blocks, config, tokenizer and manifest; the state directory becomes `out`."""
+    if distributed.is_main():
+        model = session.model
+        rest = _rest(session)
+
+        def save_config(directory: Path) -> None:
+            model.config.save_pretrained(directory)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(directory)
+
+        store.finish(out, rest, save_config, session.tokenizer, manifest, store.state["encoding"])
+    distributed.barrier()

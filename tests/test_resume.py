@@ -1,0 +1,103 @@
+"""Resumable builds: a prune or expand killed with SIGKILL in the middle of a block and resumed with --resume
+writes exactly the output of an uninterrupted run; the state directory is checked before it is trusted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sparse_expansion.cli import main
+
+SMALL = ["--calib-samples", "6", "--seqlen", "32", "--batch-size", "2", "--quiet"]
+JOBS = {
+    "prune": ["prune", "--method", "sparsegpt", "--sparsity", "0.5"],
+    "expand": ["expand", "--experts", "2", "--pca-reduction", "8", "--sparsity", "0.5"],
+}
+
+# Runs the CLI in a child process that kills itself (SIGKILL: no handler, no cleanup) while block KILL_AT
+# propagates its calibration batches, i.e. after the block was changed and before it was saved.
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from sparse_expansion.calibration.engine import SequentialCalibration
+    from sparse_expansion.cli import main
+
+    kill_at = int(os.environ["KILL_AT"])
+    original = SequentialCalibration.forward_block
+
+    def forward_block(self, index, block, batches, keep_outputs):
+        if index == kill_at and keep_outputs:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, index, block, batches, keep_outputs)
+
+    SequentialCalibration.forward_block = forward_block
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _weights(path):
+    manifest = json.loads((path / "manifest.json").read_text())
+    return manifest["weights"]["sha256"], manifest
+
+
+@pytest.fixture(scope="module")
+def three_blocks(model_dir_factory):
+    return model_dir_factory("llama", num_hidden_layers=3)
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_killed_in_the_middle_of_a_block_and_resumed_gives_the_uninterrupted_output(job, three_blocks, corpus_dir,
+                                                                                   tmp_path, capsys):
+    common = [*JOBS[job], "--model", str(three_blocks), "--data", str(corpus_dir), *SMALL]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+
+    out = tmp_path / "resumed"
+    env = {**os.environ, "KILL_AT": "1"}  # the same threads as this process: the same rounding
+    killed = subprocess.run([sys.executable, "-c", KILLER, *common, "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    state_dir = tmp_path / "resumed.partial"
+    assert not out.exists()  # nothing half-written where the output goes
+    state = json.loads((state_dir / "state.json").read_text())
+    assert [b["file"] for b in state["blocks"]] == ["block-00000.safetensors"]  # block 0 saved, block 1 lost
+
+    # A new run does not silently start over on top of it.
+    capsys.readouterr()
+    assert main([*common, "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # Resuming with other settings is refused.
+    assert main([*common, "--seed", "1", "--out", str(out), "--resume", str(state_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "seed" in err
+
+    assert main([*common, "--out", str(out), "--resume", str(state_dir)]) == 0
+    assert not state_dir.exists()
+    whole, whole_manifest = _weights(tmp_path / "whole")
+    resumed, resumed_manifest = _weights(out)
+    assert resumed == whole  # every weight file byte for byte
+    assert resumed_manifest["layers"] == whole_manifest["layers"]
+    assert resumed_manifest["custom_layers"] == whole_manifest["custom_layers"]
+    assert resumed_manifest.get("routers") == whole_manifest.get("routers")
+
+
+def test_a_corrupted_state_directory_is_refused(three_blocks, corpus_dir, tmp_path, capsys):
+    common = [*JOBS["prune"], "--model", str(three_blocks), "--data", str(corpus_dir), *SMALL]
+    out = tmp_path / "out"
+    env = {**os.environ, "KILL_AT": "2"}
+    killed = subprocess.run([sys.executable, "-c", KILLER, *common, "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    state_dir = tmp_path / "out.partial"
+    block = state_dir / "block-00001.safetensors"
+    block.write_bytes(block.read_bytes()[:-10])
+    before = sorted(p.name for p in state_dir.iterdir())
+    capsys.readouterr()
+    assert main([*common, "--out", str(out), "--resume", str(state_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "block-00001.safetensors" in err and "corrupted" in err
+    assert sorted(p.name for p in state_dir.iterdir()) == before and not out.exists()
+    assert main([*common, "--out", str(out), "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no interrupted run" in capsys.readouterr().err
