@@ -101,3 +101,29 @@ def test_a_corrupted_state_directory_is_refused(three_blocks, corpus_dir, tmp_pa
     assert sorted(p.name for p in state_dir.iterdir()) == before and not out.exists()
     assert main([*common, "--out", str(out), "--resume", str(tmp_path / "nothing")]) == 2
     assert "no interrupted run" in capsys.readouterr().err
+
+
+def test_compare_killed_in_a_job_and_resumed_gives_the_uninterrupted_rows(three_blocks, corpus_dir, tmp_path):
+    common = ["compare", "--model", str(three_blocks), "--data", str(corpus_dir), "--methods",
+              "dense,sparsegpt,sparse-expansion", "--sparsity", "0.5", "--experts", "2", "--pca-reduction", "8",
+              "--eval-samples", "3", *SMALL]
+    assert main([*common, "--json", str(tmp_path / "whole.json")]) == 0
+    assert not (tmp_path / "whole.json.partial").exists()  # the state goes once the report is written
+
+    out = tmp_path / "resumed.json"
+    # Killed in the middle of block 1 of the first job that walks the blocks (SparseGPT): the dense row is saved.
+    killed = subprocess.run([sys.executable, "-c", KILLER, *common, "--json", str(out)],
+                            env={**os.environ, "KILL_AT": "1"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    state_dir = tmp_path / "resumed.json.partial"
+    rows = json.loads((state_dir / "rows.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense"] and not out.exists()
+    assert json.loads((state_dir / "job-001" / "state.json").read_text())["blocks"][0]["file"] == "block-00000.safetensors"
+
+    assert main([*common, "--json", str(out), "--resume", str(state_dir)]) == 0
+    assert not state_dir.exists()
+    whole = json.loads((tmp_path / "whole.json").read_text())["results"]
+    resumed = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in resumed] == ["dense", "sparsegpt", "sparse-expansion"]
+    for a, b in zip(whole, resumed):
+        assert b["ppl"] == a["ppl"] and b["measured_sparsity"] == a["measured_sparsity"]

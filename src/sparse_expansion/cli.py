@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(cmp_)
     cmp_.add_argument("--json", default=None, help="write {'results': [...]} to this file")
     cmp_.add_argument("--report", default=None, help="Markdown report (default: next to --json, .md)")
+    _add_resume_option(cmp_, "JSON.partial with --json, written after every block and every finished row")
     return parser
 
 
@@ -683,8 +684,21 @@ def cmd_compare(args) -> int:
     for path in (args.json, report_path):
         if path:
             check_output_path(path, overwrite=True)
-    session = workflow.open_session(_settings(args))
-    rows = workflow.compare(session, methods, specs, options, experts=experts, expansion=expansion)
+    state = None
+    if args.resume or args.json:
+        from .workflow.compare import CompareState
+        from .io.block_store import default_state_dir
+
+        state = CompareState(args.resume or default_state_dir(args.json), _fingerprint(args), bool(args.resume))
+    try:
+        session = workflow.open_session(_settings(args))
+        rows = workflow.compare(session, methods, specs, options, experts=experts, expansion=expansion, state=state)
+    except BaseException:
+        if state is not None and not state.has_progress():
+            state.discard()  # nothing worth resuming
+        elif state is not None:
+            print(f"sparse-expansion: state kept for --resume {state.path}", file=sys.stderr)
+        raise
     table = workflow.format_table(rows)
     print(table)
     command_line = "sparse-expansion " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -694,6 +708,8 @@ def cmd_compare(args) -> int:
         _on_main(atomic_write_text, args.json, json.dumps(payload, indent=2) + "\n")
     if report_path:
         _on_main(atomic_write_text, report_path, workflow.markdown_report(session, rows, command_line))
+    if state is not None:
+        state.discard()
         print(f"report: {report_path}" + (f"; json: {args.json}" if args.json else ""))
     return 0
 

@@ -80,25 +80,31 @@ def embedded_corpus() -> Corpus:
     )
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, required: bool = False) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not UTF-8 text") from None
+    if required and not text.strip():
+        raise UsageError(f"{path} holds no text")
+    return text
 
 
 def local_corpus(path: Path) -> Corpus:
     if path.is_dir():
         if (path / "train.txt").is_file() and (path / "test.txt").is_file():
-            return Corpus(name=str(path), train_text=_read_text(path / "train.txt"),
-                          test_text=_read_text(path / "test.txt"), description=f"{path}: train.txt / test.txt")
+            return Corpus(name=str(path), train_text=_read_text(path / "train.txt", required=True),
+                          test_text=_read_text(path / "test.txt", required=True),
+                          description=f"{path}: train.txt / test.txt")
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise UsageError(f"no .txt files found in {path}")
         docs = [(str(p.relative_to(path)), _read_text(p)) for p in files]
+        if not any(text.strip() for _, text in docs):
+            raise UsageError(f"{path} holds no text (its .txt files are empty)")
         unit = "files"
     elif path.is_file():
-        paragraphs = [p.strip() for p in _read_text(path).split("\n\n") if p.strip()]
+        paragraphs = [p.strip() for p in _read_text(path, required=True).split("\n\n") if p.strip()]
         docs = [(f"{i:08d}:{p[:64]}", p) for i, p in enumerate(paragraphs)]
         unit = "paragraphs"
     else:

@@ -19,8 +19,10 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
         if out.is_dir() and not any(out.iterdir()):
             return out
         raise UsageError(f"output path {out} already exists; pass --overwrite to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:  # the nearest ancestor that exists must be a directory
+        parent = parent.parent
+    if not parent.is_dir():
         raise UsageError(f"cannot write {out}: {parent} is not a directory")
     return out
 

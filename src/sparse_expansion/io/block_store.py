@@ -42,6 +42,17 @@ def default_state_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def check_fingerprint(recorded, current: dict, path: Path) -> None:
+    """A one-line error naming the first setting in which a resumed run differs from the interrupted one."""
+    if not isinstance(recorded, dict):
+        raise UsageError(f"{path / STATE_FILE} is not the state of a sparse-expansion run")
+    differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+    if differ:
+        key = differ[0]
+        raise UsageError(f"--resume {path}: the interrupted run had {key}={recorded.get(key)!r}, this one "
+                         f"{current.get(key)!r}; resume with the same options")
+
+
 class BlockStore:
     def __init__(self, path: str | os.PathLike, fingerprint: dict, resume: bool = False):
         self.path = Path(path)
@@ -65,14 +76,9 @@ class BlockStore:
             self._write_state()
 
     def _check_resumable(self) -> None:
-        recorded = self.state.get("fingerprint")
-        if not isinstance(recorded, dict) or not isinstance(self.state.get("blocks"), list):
+        if not isinstance(self.state.get("blocks"), list):
             raise UsageError(f"{self.path / STATE_FILE} is not the state of a sparse-expansion run")
-        differ = sorted(k for k in set(recorded) | set(self.fingerprint) if recorded.get(k) != self.fingerprint.get(k))
-        if differ:
-            key = differ[0]
-            raise UsageError(f"--resume {self.path}: the interrupted run had {key}={recorded.get(key)!r}, this one "
-                             f"{self.fingerprint.get(key)!r}; resume with the same options")
+        check_fingerprint(self.state.get("fingerprint"), self.fingerprint, self.path)
         for entry in self.state["blocks"]:
             file = self.path / entry["file"]
             if not file.is_file() or file_sha256(file) != entry["sha256"]:
@@ -143,4 +149,4 @@ class BlockStore:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-__all__ = ["BlockStore", "MANIFEST_FILE", "REST_FILES", "STATE_FILE", "default_state_dir"]
+__all__ = ["BlockStore", "MANIFEST_FILE", "check_fingerprint", "REST_FILES", "STATE_FILE", "default_state_dir"]

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+from .. import distributed
 from ..errors import UsageError
-from ..expansion import ExpansionConfig
+from ..expansion import ExpansionConfig, ExpansionReport
+from ..io import atomic_write_text
+from ..io.block_store import STATE_FILE, BlockStore, check_fingerprint
 from ..models import discover, ffn_costs
-from ..pruning import METHODS, PruneOptions, SparsitySpec, get_method
+from ..pruning import METHODS, PruneOptions, PruneReport, SparsitySpec, get_method
 from .jobs import evaluate, expand_session_model, prune_session_model
 from .session import Session
+from .streamed import build_streamed
 
 EXPANSION = "sparse-expansion"
 
@@ -30,27 +37,96 @@ class Technique:
     supports_bits: bool
     scope: str | None  # the linears it touches when fixed ("ffn"), else None: the session's --scope
     per_experts: bool = False  # one run per expert count
-    # (session, model, spec, options, experts, expansion config) -> report with .seconds and .overall_sparsity()
+    # (session, model, spec, options, experts, expansion config[, engine options, report]) -> report with
+    # .seconds and .overall_sparsity()
     apply: Callable | None = None
+    # (session, spec, experts, expansion config) -> an empty report of the kind `apply` fills
+    new_report: Callable | None = None
 
 
 def _prune(name: str) -> Callable:
-    def apply(session, model, spec, options, experts, config):
-        return prune_session_model(session, model, name, spec, options)
+    def apply(session, model, spec, options, experts, config, engine_options=None, report=None):
+        return prune_session_model(session, model, name, spec, options, engine_options, report)
     return apply
 
 
-def _expand(session, model, spec, options, experts, config):
-    return expand_session_model(session, model, spec, options, dataclasses.replace(config, experts=experts))
+def _prune_report(name: str) -> Callable:
+    return lambda session, spec, experts, config: PruneReport(method=name, spec=spec, scope=session.settings.scope)
+
+
+def _expand(session, model, spec, options, experts, config, engine_options=None, report=None):
+    config = dataclasses.replace(config, experts=experts)
+    return expand_session_model(session, model, spec, options, config, engine_options, report=report)
+
+
+def _expand_report(session, spec, experts, config):
+    return ExpansionReport(spec=spec, config=dataclasses.replace(config, experts=experts))
+
+
+class CompareState:
+    """compare's state directory: the finished rows (`rows.json`, rewritten atomically after each job) and the
+    blocks of the job in progress (`job-NNN/`, io/block_store.py). `--resume DIR` reuses the rows and
+    continues the job in progress after its last saved block."""
+
+    ROWS = "rows.json"
+
+    def __init__(self, path: str | Path, fingerprint: dict, resume: bool):
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        file = self.path / self.ROWS
+        if resume:
+            if not file.is_file():
+                raise UsageError(f"--resume {self.path}: no interrupted compare there (no {self.ROWS})")
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UsageError(f"{file} is not valid JSON: {exc}") from None
+            check_fingerprint(data.get("fingerprint"), self.fingerprint, self.path)
+            self.rows = data.get("rows", [])
+        else:
+            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+                raise UsageError(f"{self.path} already holds an interrupted compare; pass --resume {self.path} to "
+                                 "continue it, or delete it")
+            self.rows = []
+            if distributed.is_main():
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._write()
+        distributed.barrier()
+
+    def _write(self) -> None:
+        atomic_write_text(self.path / self.ROWS, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows},
+                                                            indent=1) + "\n")
+
+    def job_store(self, index: int, description: dict) -> BlockStore:
+        path = self.path / f"job-{index:03d}"
+        resume = (path / STATE_FILE).is_file()
+        store = BlockStore(path, description, resume=resume) if distributed.is_main() else None
+        distributed.barrier()
+        return store if store is not None else BlockStore(path, description, resume=True)
+
+    def add_row(self, index: int, row: dict) -> None:
+        self.rows.append(row)
+        if distributed.is_main():
+            self._write()
+            shutil.rmtree(self.path / f"job-{index:03d}", ignore_errors=True)
+        distributed.barrier()
+
+    def has_progress(self) -> bool:
+        """Rows or saved blocks that a resumed run would reuse."""
+        return bool(self.rows) or any(p.name.startswith("job-") for p in self.path.glob("job-*"))
+
+    def discard(self) -> None:
+        if distributed.is_main():
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def techniques() -> dict[str, Technique]:
     found = {"dense": Technique("dense", uses_data=False, supports_bits=False, scope=None)}
     for name, method in METHODS.items():
         found[name] = Technique(name, uses_data=method.statistic is not None, supports_bits=method.supports_bits,
-                                scope=None, apply=_prune(name))
+                                scope=None, apply=_prune(name), new_report=_prune_report(name))
     found[EXPANSION] = Technique(EXPANSION, uses_data=True, supports_bits=True, scope="ffn", per_experts=True,
-                                 apply=_expand)
+                                 apply=_expand, new_report=_expand_report)
     return found
 
 
@@ -62,8 +138,11 @@ def technique(name: str) -> Technique:
 
 
 def compare(session: Session, methods: list[str], specs: list[SparsitySpec], options: PruneOptions,
-            experts: list[int] | None = None, expansion: ExpansionConfig | None = None) -> list[dict]:
-    """Each method at each sparsity (and each expert count) on the same calibration and test windows."""
+            experts: list[int] | None = None, expansion: ExpansionConfig | None = None,
+            state: CompareState | None = None) -> list[dict]:
+    """Each method at each sparsity (and each expert count) on the same calibration and test windows. With a
+    `state`, every finished row and every block of the job in progress is saved, and a resumed run continues
+    where the interrupted one stopped."""
     expansion = expansion or ExpansionConfig()
     experts = experts or [expansion.experts]
     chosen = [technique(name) for name in methods]
@@ -87,10 +166,19 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
                 for k in (experts if t.per_experts else [None]):
                     jobs.append((t, spec, k))
     rows = []
-    for t, spec, k in jobs:
+    for index, (t, spec, k) in enumerate(jobs):
+        if state is not None and index < len(state.rows):
+            rows.append(state.rows[index])  # finished before the interruption
+            continue
         model = session.model if t.apply is None else copy.deepcopy(session.model)
         seconds, measured = 0.0, 0.0
-        if t.apply is not None:
+        if t.apply is not None and state is not None and t.uses_data:
+            store = state.job_store(index, {"job": index, "method": t.name, "spec": spec.label, "experts": k})
+            report = build_streamed(session, store, lambda m, engine_options, rep: t.apply(
+                session, m, spec, options, k, expansion, engine_options, rep),
+                t.new_report(session, spec, k, expansion), "dense", keep_model=True, model=model)
+            seconds, measured = report.seconds, report.overall_sparsity()
+        elif t.apply is not None:
             report = t.apply(session, model, spec, options, k, expansion)
             seconds, measured = report.seconds, report.overall_sparsity()
         row = {
@@ -109,6 +197,8 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
         row.update(ffn_costs(model, discover(model)))
         row.update(evaluate(session, model, desc=f"ppl {t.name}"))
         rows.append(row)
+        if state is not None:
+            state.add_row(index, row)
         if model is not session.model:
             del model
     return rows

@@ -24,11 +24,13 @@ from ..io.block_store import BlockStore, default_state_dir
 from ..io.compressed import resolve_weight_format
 from ..io.model_dir import describe_layers, rebuild_layers
 from ..layers import clear_router_memos
+from ..models import discover
 from ..models.costs import block_ffn_costs, sum_block_costs
 from ..runtime import release_memory
 from .session import Session
 
-# job(model, engine_options, report) -> report; the report is filled in place (restored blocks first)
+# job(model, engine_options, report) -> report, filled by the blocks this run builds (the restored ones are
+# added after)
 Job = Callable[[nn.Module, dict, object], object]
 
 
@@ -44,10 +46,17 @@ def _record_of(report, prefix: str) -> dict:
     return record
 
 
-def _restore_record(report, record: dict) -> None:
-    report.layers.update(record["layers"])
-    if "routers" in record:
-        report.routers.update(record["routers"])
+def _prepend_records(report, records: list[dict]) -> None:
+    """The restored blocks' layers (and routers) ahead of the ones this run built, in model order."""
+    layers = {}
+    for record in records:
+        layers.update(record["layers"])
+    report.layers = {**layers, **report.layers}
+    if getattr(report, "routers", None) is not None:
+        routers = {}
+        for record in records:
+            routers.update(record.get("routers", {}))
+        report.routers = {**routers, **report.routers}
 
 
 def open_store(out: str, fingerprint: dict, resume: str | None) -> BlockStore | None:
@@ -63,15 +72,17 @@ def open_store(out: str, fingerprint: dict, resume: str | None) -> BlockStore | 
 
 
 def build_streamed(session: Session, store: BlockStore, job: Job, report, weight_format: str,
-                   keep_model: bool = False) -> object:
+                   keep_model: bool = False, model: nn.Module | None = None) -> object:
     """Run `job` with the engine options that save every block to `store` (and restore the ones it has);
-    blocks leave memory after being saved unless `keep_model`. Returns the job's report."""
-    model, layout = session.model, session.layout
-    streamed = session.loaded.streamed
+    blocks leave memory after being saved unless `keep_model`. `model`: another model than the session's
+    (a copy, as `compare` builds). Returns the job's report."""
+    if model is None or model is session.model:
+        model, layout, streamed = session.model, session.layout, session.loaded.streamed
+    else:
+        layout, streamed = discover(model), None
     dtype = next((p.dtype for p in model.parameters() if not p.is_meta), torch.float32)
     encoding = store.state.get("encoding")
-    for index in range(store.done):
-        _restore_record(report, store.record(index))
+    start = store.done
 
     def restore(index: int, block: nn.Module) -> None:
         rebuild_layers(model, store.layers(index), dtype)
@@ -100,10 +111,11 @@ def build_streamed(session: Session, store: BlockStore, job: Job, report, weight
             block.to("meta")  # saved: its tensors are no longer needed here
             release_memory()
 
-    options = {"start": store.done, "restore": restore, "after_block": after_block, "offload": offload}
+    options = {"start": start, "restore": restore, "after_block": after_block, "offload": offload}
     if streamed is not None:
         options["onload"] = streamed.onload
     result = job(model, options, report)
+    _prepend_records(result, [store.record(i) for i in range(start)])
     if encoding is None:
         encoding = resolve_weight_format({}, "compressed" if weight_format == "auto" else weight_format)
     store.state["encoding"] = encoding
