@@ -272,3 +272,27 @@ def test_build_bad_input():
     with pytest.raises(UsageError, match="no PCA dimensions"):
         expand_model(model, layout, small_windows(), SparsitySpec(0.5), ExpansionConfig(experts=2, pca_reduction=100),
                      progress=False)
+
+
+def test_experts_pruned_a_few_at_a_time_equal_all_at_once(monkeypatch):
+    """Large layers are pruned a batch of experts at a time (bounded memory): the experts are the same."""
+    windows = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(1))
+    spec = SparsitySpec.create(sparsity=0.6)
+    config = ExpansionConfig(experts=5, pca_reduction=8, min_cluster_tokens=8)
+    built = {}
+    for per_batch in (5, 2):
+        monkeypatch.setattr(build_module, "experts_per_batch", lambda rows, cols, k, device, n=per_batch: n)
+        model = make_model("llama")
+        expand_model(model, discover(model), windows, spec, config, progress=False)
+        built[per_batch] = {name: t.clone() for name, t in model.state_dict().items()}
+    assert built[5].keys() == built[2].keys()
+    for name in built[5]:
+        assert torch.equal(built[5][name], built[2][name]), name
+    # The sizing rule itself: everything at once for small layers, a few at a time for a 7B down projection.
+    monkeypatch.undo()
+    monkeypatch.setattr(build_module, "_free_bytes", lambda device: 20 * 2**30)
+    assert build_module.experts_per_batch(1536, 576, 16, torch.device("cpu")) == 16
+    # A Llama-7B down projection: 16 fp32 Hessians of 11008^2 alone are 7.8 GB.
+    assert 1 <= build_module.experts_per_batch(4096, 11008, 16, torch.device("cpu")) < 8
+    monkeypatch.setattr(build_module, "_free_bytes", lambda device: 2**20)
+    assert build_module.experts_per_batch(4096, 11008, 16, torch.device("cpu")) == 1  # never none

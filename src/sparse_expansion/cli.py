@@ -113,8 +113,16 @@ def _add_kernel_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-expansion",
-                                     description="One-shot pruning and Sparse Expansion of causal LMs.")
+    class OneLineErrors(argparse.ArgumentParser):
+        """A malformed command line is one line on stderr, like every other error (the usage is in --help)."""
+
+        def error(self, message):
+            command = self.prog.removeprefix("sparse-expansion").strip()
+            self.exit(2, f"sparse-expansion: error: {command + ': ' if command else ''}{message} "
+                         f"(see {self.prog} --help)\n")
+
+    parser = OneLineErrors(prog="sparse-expansion",
+                           description="One-shot pruning and Sparse Expansion of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model and save it")
@@ -151,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--rows", type=int, default=11008)
     bench.add_argument("--cols", type=int, default=4096)
-    bench.add_argument("--sparsity", type=float, default=0.7)
+    bench.add_argument("--sparsity", type=float, default=None, help="--kernel: weight sparsity (default 0.7)")
     bench.add_argument("--activation-sparsity", type=float, default=None,
                        help="--kernel: a thresholded down projection (--rows outputs, --cols neurons) with this "
                             "fraction of its inputs below threshold, instead of a pruned weight")
@@ -287,6 +295,10 @@ def _expansion(args, experts: int):
         raise UsageError("--min-cluster-tokens must be at least 1")
     if args.selective is not None and not 0 < args.selective <= 100:
         raise UsageError(f"--selective must be a percentage of rows in (0, 100], got {args.selective:g}")
+    if args.bits is not None:
+        from .pruning import get_method
+
+        get_method(args.expert_method, args.bits)  # joint quantization needs sparsegpt experts
     config = ExpansionConfig(experts=experts, pca_reduction=None if args.no_pca else args.pca_reduction,
                              kmeans_restarts=args.kmeans_restarts, kmeans_iterations=args.kmeans_iterations,
                              kmeans_init=args.kmeans_init, seed=args.seed, backend=args.router_backend,
@@ -307,6 +319,9 @@ def _specs(args) -> list:
     from .pruning import SparsitySpec
 
     if args.nm:
+        if isinstance(args.sparsity, float):  # prune, expand: no default, so the user gave both
+            raise UsageError(f"give either --sparsity or --nm, not both (--nm {args.nm} zeroes "
+                             f"{SparsitySpec.create(nm=args.nm).sparsity:.0%} of the weights)")
         return [SparsitySpec.create(nm=args.nm)]
     values = args.sparsity if isinstance(args.sparsity, str) else (
         None if args.sparsity is None else str(args.sparsity))
@@ -469,10 +484,29 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench.kernel import kernel_benchmark
-    from .io import atomic_write_text
+    from .io import atomic_write_text, check_output_path
 
     if args.kernel == bool(args.model):
         raise UsageError("bench needs exactly one of --kernel or --model DIR")
+    if args.kernel:
+        if args.baseline is not None:
+            raise UsageError("--baseline needs --model DIR (it is the model's dense reference)")
+        if args.activation_sparsity is not None and args.sparsity is not None:
+            raise UsageError("give either --sparsity (a pruned weight) or --activation-sparsity, not both")
+        if args.device != "cpu" and args.activation_sparsity is not None:
+            raise UsageError("--activation-sparsity measures the CPU kernel; drop --device")
+        if args.device != "cpu" and args.sparsity is not None:
+            raise UsageError(f"--device {args.device} measures 2:4 (50%) semi-structured products; drop --sparsity")
+    else:
+        for option, value in (("--activation-sparsity", args.activation_sparsity), ("--sparsity", args.sparsity)):
+            if value is not None:
+                raise UsageError(f"{option} needs --kernel (a --model is measured as it was saved)")
+        if args.device != "cpu":
+            raise UsageError("--device applies to --kernel; bench --model runs on the CPU")
+    if args.sparsity is None:
+        args.sparsity = 0.7
+    if args.json:
+        check_output_path(args.json, overwrite=True)
     if args.model:
         from .bench.model import model_benchmark
 
@@ -524,8 +558,10 @@ def cmd_bench(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import workflow
-    from .io import atomic_write_text
+    from .io import atomic_write_text, check_output_path
 
+    if args.json:
+        check_output_path(args.json, overwrite=True)
     session = workflow.open_session(_settings(args))
     result = workflow.evaluate(session, session.model)
     result.update({"model": session.loaded.source, "seqlen": args.seqlen,
@@ -648,6 +684,8 @@ def cmd_law(args) -> int:
             hidden, layers = (int(v) for v in item.split("x"))
         except ValueError:
             raise UsageError(f"--width-depth expects HIDDENxLAYERS items, e.g. 64x16; got {item!r}") from None
+        if hidden < 1 or layers < 1:
+            raise UsageError(f"--width-depth {item!r}: hidden size and layers must be at least 1")
         pairs.append((hidden, layers))
     base = TrainConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, vocab=args.vocab,
                        seqlen=args.seqlen, batch=args.batch, steps=args.steps, checkpoint_every=args.checkpoint_every,
@@ -772,6 +810,12 @@ def main(argv: list[str] | None = None) -> int:
         where = "" if distributed.is_main() else f" (rank {distributed.rank()})"
         print(f"sparse-expansion: error{where}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system, not the input: a full disk, a read-only or vanished path, permissions
+        where = "" if distributed.is_main() else f" (rank {distributed.rank()})"
+        reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"sparse-expansion: error{where}: {exc.filename}: {reason}" if exc.filename else
+              f"sparse-expansion: error{where}: {reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("sparse-expansion: interrupted", file=sys.stderr)
         return 130

@@ -143,11 +143,51 @@ class GroupFit:
     """A router fitted on one input's calibration tokens and the experts' statistics from its clusters."""
 
     router: Router
-    stacked: object  # one statistic per expert, stacked (the method's statistic type)
+    clusters: list  # one statistic per expert (the method's statistic type)
     whole: object | None  # all clusters combined (for small clusters and shared rows), when asked for
     sizes: list[int]  # calibration tokens per cluster
     small: list[int]  # clusters with fewer than min_cluster_tokens: pruned on the whole statistic
     router_seconds: float
+    stack_of: object = None  # the statistic type (its `stack`)
+    _stacks: dict = field(default_factory=dict)
+
+    def stack(self, start: int, end: int, keep: bool = True):
+        """Experts start..end-1's statistics as one batched statistic. `keep`: for the next linear that reads
+        the same input (its factorization is cached on it); else the clusters' own copies are dropped."""
+        key = (start, end)
+        if key in self._stacks:
+            return self._stacks[key]
+        stacked = self.stack_of.stack(self.clusters[start:end])
+        if keep:
+            self._stacks[key] = stacked
+        else:
+            self.clusters[start:end] = [None] * (end - start)
+        return stacked
+
+
+# Share of the free memory (host or GPU) that one batch of experts may take while it is pruned; larger
+# layers are pruned a few experts at a time (a Llama-7B down projection needs ~2 GB per expert in fp32).
+EXPERT_MEMORY_SHARE = 0.3
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 34
+
+
+def experts_per_batch(rows: int, cols: int, experts: int, device: torch.device) -> int:
+    """How many experts of a (rows, cols) weight to prune at once: each needs its Hessian, its copy in the
+    factorization and the factor (3 x cols^2 floats) and about four (rows, cols) work arrays."""
+    per_expert = 4 * (3 * cols * cols + 4 * rows * cols)
+    return max(1, min(experts, int(EXPERT_MEMORY_SHARE * _free_bytes(device)) // per_expert))
 
 
 def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: PruningMethod, device: torch.device,
@@ -166,13 +206,21 @@ def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: Prun
     combined = method.statistic.combine(clusters) if small or whole else None
     if small:
         clusters = [combined if e in small else cluster for e, cluster in enumerate(clusters)]
-    return GroupFit(router, method.statistic.stack(clusters), combined, sizes, small, seconds)
+    return GroupFit(router, clusters, combined, sizes, small, seconds, stack_of=method.statistic)
 
 
-def prune_experts(weight: torch.Tensor, stacked, experts: int, method: PruningMethod, spec: SparsitySpec,
-                  options: PruneOptions) -> torch.Tensor:
-    """One pruned copy of `weight` (rows, in) per expert, each on its cluster's statistic: (k, rows, in)."""
-    return method.prune(weight.unsqueeze(0).expand(experts, *weight.shape), stacked, spec, options)
+def prune_experts(weight: torch.Tensor, fit: GroupFit, experts: int, method: PruningMethod, spec: SparsitySpec,
+                  options: PruneOptions, keep: bool = True) -> torch.Tensor:
+    """One pruned copy of `weight` (rows, in) per expert, each on its cluster's statistic: (k, rows, in).
+    Experts are pruned in batches that fit the free memory (all at once for small layers); `keep`: the
+    batched statistics stay for another linear that reads the same input."""
+    size = experts_per_batch(*weight.shape, experts, weight.device)
+    parts = []
+    for start in range(0, experts, size):
+        end = min(experts, start + size)
+        parts.append(method.prune(weight.unsqueeze(0).expand(end - start, *weight.shape), fit.stack(start, end, keep),
+                                  spec, options))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def expand_linear(module: nn.Module, inputs: torch.Tensor, spec: SparsitySpec, config: ExpansionConfig,
@@ -184,7 +232,7 @@ def expand_linear(module: nn.Module, inputs: torch.Tensor, spec: SparsitySpec, c
     fit = fit_group([inputs], config, method, inputs.device)
     weight = linear_weight(module).detach().to(inputs.device)
     bias = getattr(module, "bias", None)
-    experts = prune_experts(weight, fit.stacked, config.experts, method, spec, options or PruneOptions())
+    experts = prune_experts(weight, fit, config.experts, method, spec, options or PruneOptions())
     return fit.router, experts, None if bias is None else bias.detach()
 
 
@@ -218,16 +266,17 @@ class ExpandStep(Step):
             inputs = torch.cat(batches).to(self.device) if selective else None  # what the row scores read
             fit = fit_group(batches, config, self.method, self.device, whole=selective)
             report.router_seconds += fit.router_seconds
-            router, stacked, whole, sizes, small = fit.router, fit.stacked, fit.whole, fit.sizes, fit.small
+            router, whole, sizes, small = fit.router, fit.whole, fit.sizes, fit.small
             report.routers[f"{prefix}.{ROUTERS_ATTR}.{group}"] = {"tokens_per_expert": sizes,
                                                                    "components": router.components}
             for name in names:
+                keep = name != names[-1]  # another linear reads this input: keep its batched statistics
                 path = f"{prefix}.{name}"
                 module = block.get_submodule(name)
                 weight = linear_weight(module).detach().to(self.device)
                 bias = module.bias.detach().clone() if getattr(module, "bias", None) is not None else None
                 if selective:
-                    layer = self._selective_layer(path, router, weight, bias, inputs, stacked, whole)
+                    layer = self._selective_layer(path, router, weight, bias, inputs, fit, whole, keep)
                     shared_zeros = int((layer.shared_weight == 0).sum())
                     zeros = [shared_zeros + z for z in (layer.expert_weight == 0).flatten(1).sum(1).tolist()]
                     extra = {"selected_rows": layer.selected_features}
@@ -235,7 +284,7 @@ class ExpandStep(Step):
                     # Under torch.distributed the linears are divided among the ranks, each broadcasts its experts.
                     position += 1
                     if distributed.mine(position):
-                        experts = self._prune_experts(weight, stacked).to(weight.dtype)
+                        experts = self._prune_experts(weight, fit, keep).to(weight.dtype)
                     else:
                         experts = weight.new_empty((config.experts, *weight.shape))
                     experts = distributed.broadcast_(experts, distributed.owner(position))
@@ -249,11 +298,11 @@ class ExpandStep(Step):
             routers[group] = router
         setattr(block, ROUTERS_ATTR, routers)
 
-    def _prune_experts(self, weight: torch.Tensor, stacked) -> torch.Tensor:
-        return prune_experts(weight, stacked, self.config.experts, self.method, self.spec, self.options)
+    def _prune_experts(self, weight: torch.Tensor, fit: GroupFit, keep: bool) -> torch.Tensor:
+        return prune_experts(weight, fit, self.config.experts, self.method, self.spec, self.options, keep)
 
     def _selective_layer(self, path: str, router: Router, weight: torch.Tensor, bias: torch.Tensor | None,
-                         inputs: torch.Tensor, stacked, whole) -> SelectiveExpertLinear:
+                         inputs: torch.Tensor, fit: GroupFit, whole, keep: bool) -> SelectiveExpertLinear:
         """Expand the rows the scores rank highest; prune the others once, on the whole statistic."""
         rows = weight.shape[0]
         scores = self.row_scores(path, weight, inputs, None if bias is None else bias.to(self.device))
@@ -265,7 +314,7 @@ class ExpandStep(Step):
         shared_weight = weight.index_select(0, shared_rows)
         if shared_rows.numel():
             shared_weight = self.method.prune(shared_weight, whole, self.spec, self.options)
-        expert_weight = self._prune_experts(weight.index_select(0, expert_rows), stacked)
+        expert_weight = self._prune_experts(weight.index_select(0, expert_rows), fit, keep)
         return SelectiveExpertLinear(router, shared_weight.to(weight.dtype), expert_weight.to(weight.dtype),
                                      shared_rows, expert_rows, bias)
 

@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UsageError
@@ -224,8 +225,15 @@ def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, trust_r
         if manifest is not None and manifest["weights"]["form"] == "state-dict":
             model = _state_dict_model(path, manifest, dtype, trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                         trust_remote_code=trust_remote_code)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                             trust_remote_code=trust_remote_code)
+            except SafetensorError as exc:
+                raise UsageError(f"could not load model directory {path}: a weight file is corrupted or truncated "
+                                 f"({first_line(exc)})") from None
+            except RuntimeError as exc:  # tensor shapes that differ from config.json
+                raise UsageError(f"could not load model directory {path}: its weights do not match config.json "
+                                 f"({first_line(exc)})") from None
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"could not load model directory {path}: {first_line(exc)}") from None

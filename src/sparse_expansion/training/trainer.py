@@ -53,6 +53,10 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.hidden % self.heads:
             raise UsageError(f"--hidden {self.hidden} is not divisible by {self.heads} heads")
+        if self.seqlen < 2:
+            raise UsageError("--seqlen must be at least 2 (a token and the next one to predict)")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr:g}")
 
     @property
     def intermediate(self) -> int:

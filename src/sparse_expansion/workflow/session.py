@@ -44,6 +44,8 @@ class RunSettings:
             raise UsageError("--calib-samples must be at least 1")
         if self.eval_samples is not None and self.eval_samples < 1:
             raise UsageError("--eval-samples must be at least 1")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.bos not in BOS_MODES:
             raise UsageError(f"unknown --bos {self.bos!r}; choose one of {', '.join(BOS_MODES)}")
         resolve_device(self.device)
