@@ -127,3 +127,25 @@ def test_compare_killed_in_a_job_and_resumed_gives_the_uninterrupted_rows(three_
     assert [r["method"] for r in resumed] == ["dense", "sparsegpt", "sparse-expansion"]
     for a, b in zip(whole, resumed):
         assert b["ppl"] == a["ppl"] and b["measured_sparsity"] == a["measured_sparsity"]
+
+
+def test_activations_offloaded_to_disk_give_the_same_model(three_blocks, corpus_dir, tmp_path, monkeypatch):
+    from sparse_expansion.calibration import engine
+
+    written = []
+    original = engine.OnDisk.__init__
+
+    def spy(self, tensor, path):
+        written.append(path)
+        original(self, tensor, path)
+
+    monkeypatch.setattr(engine.OnDisk, "__init__", spy)
+    common = [*JOBS["expand"], "--model", str(three_blocks), "--data", str(corpus_dir), *SMALL]
+    assert main([*common, "--out", str(tmp_path / "memory")]) == 0
+    assert not written
+    offload = tmp_path / "activations"
+    assert main([*common, "--out", str(tmp_path / "disk"), "--offload-dir", str(offload)]) == 0
+    # Three batches captured, then three per block, in files under the offload directory, all removed after.
+    assert len(written) == 3 * 4 and all(offload in p.parents for p in written)
+    assert list(offload.iterdir()) == []
+    assert _weights(tmp_path / "disk")[0] == _weights(tmp_path / "memory")[0]

@@ -97,6 +97,12 @@ def _add_resume_option(parser: argparse.ArgumentParser, where: str) -> None:
                              "one an uninterrupted run gives")
 
 
+def _add_offload_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--offload-dir", default=None, metavar="DIR",
+                        help="keep the calibration activations in files under DIR instead of memory (for models "
+                             "whose activations do not fit)")
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--eval", action="store_true", help="also measure perplexity and record it in the manifest")
@@ -131,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(prune)
     _add_output_options(prune)
     _add_resume_option(prune, "OUT.partial, written block by block")
+    _add_offload_option(prune)
 
     expand = sub.add_parser("expand", help="build a Sparse Expansion model (mixture of sparse FFN experts) and save it")
     _add_pruning_options(expand)
@@ -138,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(expand)
     _add_output_options(expand)
     _add_resume_option(expand, "OUT.partial, written block by block")
+    _add_offload_option(expand)
 
     gen = sub.add_parser("generate", help="generate text with a dense, pruned or expanded model (KV cache on)")
     gen.add_argument("--model", default=None, help="model directory (default: the embedded model)")
@@ -263,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--json", default=None, help="write {'results': [...]} to this file")
     cmp_.add_argument("--report", default=None, help="Markdown report (default: next to --json, .md)")
     _add_resume_option(cmp_, "JSON.partial with --json, written after every block and every finished row")
+    _add_offload_option(cmp_)
     return parser
 
 
@@ -272,7 +281,7 @@ def _settings(args):
     return RunSettings(model=args.model, data=args.data, calib_samples=args.calib_samples, seqlen=args.seqlen,
                        eval_samples=args.eval_samples, seed=args.seed, device=args.device, dtype=args.dtype,
                        scope=getattr(args, "scope", "ffn"), batch_size=args.batch_size, bos=args.bos, quiet=args.quiet,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, offload_dir=getattr(args, "offload_dir", None))
 
 
 def _options(args):
@@ -343,7 +352,7 @@ def _print(text: str, quiet: bool = False) -> None:
 
 def _fingerprint(args) -> dict:
     """What a resumed run must share with the interrupted one: every option but where and how it reports."""
-    volatile = {"out", "resume", "overwrite", "quiet", "eval", "json", "report"}
+    volatile = {"out", "resume", "overwrite", "quiet", "eval", "json", "report", "offload_dir"}
     return {k: v for k, v in sorted(vars(args).items()) if k not in volatile}
 
 

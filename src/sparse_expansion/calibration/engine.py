@@ -27,7 +27,10 @@ Only one block is on the compute device at a time. Activations are kept on `stor
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -41,12 +44,38 @@ from ..models.discovery import ModelLayout, discover
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 
 
+class OnDisk:
+    """A calibration batch's hidden states written to a file (`--offload-dir`), read back when needed."""
+
+    def __init__(self, tensor: torch.Tensor, path: Path):
+        from safetensors.torch import save_file
+
+        save_file({"hidden": tensor.detach().contiguous().cpu()}, str(path))
+        self.path = path
+
+    def load(self) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path))["hidden"]
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass
 class BlockBatch:
     """One calibration batch at the current block."""
 
-    hidden: torch.Tensor  # (batch, seq, hidden) input of the current block
+    stored: torch.Tensor | OnDisk  # (batch, seq, hidden) input of the current block, in memory or on disk
     calls: list[tuple[tuple, dict]]  # per block: the extra positional and keyword arguments the model passes
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.stored.load() if isinstance(self.stored, OnDisk) else self.stored
+
+    def discard(self) -> None:
+        if isinstance(self.stored, OnDisk):
+            self.stored.discard()
 
 
 @dataclass
@@ -56,6 +85,22 @@ class Watch:
     module: str  # path inside the block; "" is the block itself
     statistic: object  # has update(tensor) and merge(other)
     on: str = "input"  # "input" or "output"
+
+
+class HiddenStates:
+    """The blocks' outputs handed to `after_block`, batch by batch (read from disk only when asked for)."""
+
+    def __init__(self, batches: list[BlockBatch]):
+        self._batches = batches
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._batches[i].hidden
+
+    def __iter__(self):
+        return (b.hidden for b in self._batches)
 
 
 class Step:
@@ -140,6 +185,7 @@ class SequentialCalibration:
         self.batch_size = max(1, batch_size)
         self.progress = progress
         self.desc = desc
+        self.offload_dir: Path | None = None  # set by run(offload_dir=...)
 
     def _move_non_block_parts(self, device: torch.device) -> None:
         """Move embeddings, norms, rotary tables, ... but not the (possibly large) blocks."""
@@ -181,7 +227,7 @@ class SequentialCalibration:
                 if "use_cache" in kept:
                     kept["use_cache"] = False
                 if index == 0:
-                    current["hidden"] = hidden.to(self.store_device)
+                    current["hidden"] = self._keep(hidden, f"capture-{len(batches)}")
                 current["calls"].append((_to(extra, self.store_device, memo), _to(kept, self.store_device, memo)))
                 if index == last:
                     raise _StopForward
@@ -221,7 +267,19 @@ class SequentialCalibration:
             args, kwargs = batch.calls[index]
             out = block(batch.hidden.to(self.device), *_to(args, self.device, memo), **_to(kwargs, self.device, memo))
             if keep_outputs:
-                outputs.append(BlockBatch(_hidden_output(out).to(self.store_device), batch.calls))
+                outputs.append(BlockBatch(self._keep(_hidden_output(out), f"block-{index}-{len(outputs)}"), batch.calls))
+        return outputs
+
+    def _keep(self, hidden: torch.Tensor, name: str) -> torch.Tensor | OnDisk:
+        """Hidden states where the engine keeps them: on disk with an offload directory, else `store_device`."""
+        if self.offload_dir is not None:
+            return OnDisk(hidden, self.offload_dir / f"{name}.safetensors")
+        return hidden.to(self.store_device)
+
+    def _propagate(self, index: int, block: nn.Module, batches: list[BlockBatch]) -> list[BlockBatch]:
+        outputs = self.forward_block(index, block, batches, keep_outputs=True)
+        for batch in batches:
+            batch.discard()
         return outputs
 
     def run(self, windows: torch.Tensor, step: Step | None = None,
@@ -230,16 +288,30 @@ class SequentialCalibration:
             stop_after: int | None = None, start: int = 0,
             restore: Callable[[int, nn.Module], None] | None = None,
             onload: Callable[[int, nn.Module], None] | None = None,
-            offload: Callable[[int, nn.Module], None] | None = None) -> None:
+            offload: Callable[[int, nn.Module], None] | None = None,
+            offload_dir: str | Path | None = None) -> None:
         """Walk the blocks through the stages of `step` (see the module docstring).
 
         Resuming: blocks before `start` were already done (by an interrupted run): `restore(index, block)` puts
         their saved state back and they only propagate, so the next blocks see what an uninterrupted run would.
         Streaming: `onload(index, block)` runs before a block's turn (e.g. reads its weights from disk) and
-        `offload(index, block)` after it, instead of moving the block back to where it was.
+        `offload(index, block)` after it, instead of moving the block back to where it was. `offload_dir`: keep
+        the calibration activations in files there (a private subdirectory, removed at the end), not in memory.
         """
         if start and restore is None:
             raise ValueError("resuming at a later block needs restore")
+        if offload_dir is None:
+            self._walk(windows, step, reduce, after_block, stop_after, start, restore, onload, offload)
+            return
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+        self.offload_dir = Path(tempfile.mkdtemp(prefix="activations-", dir=offload_dir))
+        try:
+            self._walk(windows, step, reduce, after_block, stop_after, start, restore, onload, offload)
+        finally:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
+            self.offload_dir = None
+
+    def _walk(self, windows, step, reduce, after_block, stop_after, start, restore, onload, offload) -> None:
         batches = self.capture(windows)
         blocks = self.layout.blocks
         count = len(blocks) if stop_after is None else min(len(blocks), stop_after + 1)
@@ -250,7 +322,7 @@ class SequentialCalibration:
             if index < start:
                 restore(index, block)
                 block = blocks[index].to(self.device)
-                batches = self.forward_block(index, block, batches, keep_outputs=True)
+                batches = self._propagate(index, block, batches)
                 self._release(index, blocks[index], offload)
                 continue
             watches = step.observe(index, block) if step is not None else {}
@@ -260,15 +332,15 @@ class SequentialCalibration:
                         self.forward_block(index, block, batches, keep_outputs=False)
                 statistics = reduce({name: watch.statistic for name, watch in watches.items()})
                 step.modify(index, block, statistics)
-                batches = self.forward_block(index, block, batches, keep_outputs=True)
+                batches = self._propagate(index, block, batches)
             else:
                 with watching(block, watches):
-                    batches = self.forward_block(index, block, batches, keep_outputs=True)
+                    batches = self._propagate(index, block, batches)
                 statistics = reduce({name: watch.statistic for name, watch in watches.items()})
                 if step is not None:
                     step.modify(index, block, statistics)
             if after_block is not None:
-                after_block(index, block, [b.hidden for b in batches], statistics)
+                after_block(index, block, HiddenStates(batches), statistics)
             self._release(index, blocks[index], offload)
 
     def _release(self, index: int, block: nn.Module, offload) -> None:

@@ -17,6 +17,13 @@ from .session import Session
 SCORE_CHUNK_ELEMENTS = 1 << 24  # neuron outputs scored at a time (tokens x neurons): bounds the memory
 
 
+def _engine_options(session: Session, engine_options: dict | None) -> dict:
+    options = dict(engine_options or {})
+    if session.settings.offload_dir and "offload_dir" not in options:
+        options["offload_dir"] = session.settings.offload_dir
+    return options
+
+
 def prune_session_model(session: Session, model, method_name: str, spec: SparsitySpec,
                         options: PruneOptions, engine_options: dict | None = None,
                         report: PruneReport | None = None) -> PruneReport:
@@ -24,8 +31,8 @@ def prune_session_model(session: Session, model, method_name: str, spec: Sparsit
     s = session.settings
     windows = session.calibration() if method.statistic is not None else None
     return prune_model(model, discover(model), windows, method, spec, scope=s.scope, options=options,
-                       device=s.device, batch_size=s.batch_size, progress=not s.quiet, engine_options=engine_options,
-                       report=report)
+                       device=s.device, batch_size=s.batch_size, progress=not s.quiet,
+                       engine_options=_engine_options(session, engine_options), report=report)
 
 
 def expand_session_model(session: Session, model, spec: SparsitySpec, options: PruneOptions,
@@ -39,8 +46,8 @@ def expand_session_model(session: Session, model, spec: SparsitySpec, options: P
     if config.selective is not None and row_scores is None:
         row_scores = wasserstein_row_scores
     return expand_model(model, discover(model), session.calibration(), spec, config, options=options,
-                        device=s.device, batch_size=s.batch_size, progress=not s.quiet, engine_options=engine_options,
-                        row_scores=row_scores, report=report)
+                        device=s.device, batch_size=s.batch_size, progress=not s.quiet,
+                        engine_options=_engine_options(session, engine_options), row_scores=row_scores, report=report)
 
 
 def wasserstein_row_scores(path: str, weight: torch.Tensor, inputs: torch.Tensor,

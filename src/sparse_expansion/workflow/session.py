@@ -32,6 +32,7 @@ class RunSettings:
     bos: str = "auto"  # auto: every window starts with BOS when the tokenizer adds one; always; never
     quiet: bool = False
     trust_remote_code: bool = False
+    offload_dir: str | None = None  # calibration activations in files there instead of memory
 
     def describe(self) -> dict:
         return {k: getattr(self, k) for k in ("model", "data", "calib_samples", "seqlen", "eval_samples", "seed",
