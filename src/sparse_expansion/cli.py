@@ -369,24 +369,25 @@ def _build_streamed(args, command: str, report, job, extra_of=None):
     store = streamed.open_store(args.out, _fingerprint(args), args.resume)
     try:
         session = workflow.open_session(_settings(args), stream=not keep)
-        if store is not None and store.done and not args.quiet:
+        if store.done and not args.quiet:
             print(f"resuming after block {store.done - 1} of {store.path}", file=sys.stderr)
         streamed.build_streamed(session, store, lambda model, options, rep: job(session, model, options, rep),
                                 report, args.format, keep_model=keep)
+        extra = extra_of(session, store) if extra_of is not None else {}
+        data = workflow.manifest(session, command, report, _options(args), extra)
+        if keep:
+            _on_main(save_model_dir, session.model, session.tokenizer, args.out, data, weight_format=args.format,
+                     overwrite=args.overwrite)
+            _on_main(store.discard)
+        else:
+            streamed.finish_streamed(session, store, args.out, data)
     except BaseException:
-        if distributed.is_main() and store is not None and store.done == 0:
-            store.discard()  # nothing worth resuming
-        elif distributed.is_main() and store is not None:
-            print(f"sparse-expansion: state kept for --resume {store.path}", file=sys.stderr)
+        if distributed.is_main() and store.path.exists():
+            if store.done == 0:
+                store.discard()  # nothing worth resuming
+            else:
+                print(f"sparse-expansion: state kept for --resume {store.path}", file=sys.stderr)
         raise
-    extra = extra_of(session, store) if extra_of is not None else {}
-    data = workflow.manifest(session, command, report, _options(args), extra)
-    if keep:
-        _on_main(save_model_dir, session.model, session.tokenizer, args.out, data, weight_format=args.format,
-                 overwrite=args.overwrite)
-        _on_main(store.discard) if store is not None else None
-    else:
-        streamed.finish_streamed(session, store, args.out, data)
     if args.eval:
         built = load_model(args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code, quiet=True).model
         data["perplexity"] = workflow.evaluate(session, built)

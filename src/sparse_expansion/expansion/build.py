@@ -219,7 +219,7 @@ def prune_experts(weight: torch.Tensor, fit: GroupFit, experts: int, method: Pru
     for start in range(0, experts, size):
         end = min(experts, start + size)
         parts.append(method.prune(weight.unsqueeze(0).expand(end - start, *weight.shape), fit.stack(start, end, keep),
-                                  spec, options))
+                                  spec, options).to(weight.dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -66,6 +66,7 @@ def _quiet_transformers(quiet: bool):
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
@@ -73,7 +74,8 @@ def _quiet_transformers(quiet: bool):
             yield
     finally:
         hf_logging.set_verbosity(previous)
-        hf_logging.enable_progress_bar()
+        if bars:  # as they were: `--quiet` turned them off for the whole command
+            hf_logging.enable_progress_bar()
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, quiet: bool):

@@ -20,6 +20,7 @@ from ..errors import UsageError
 from ..expansion import ExpansionConfig, expand_linear
 from ..io import atomic_output_dir, atomic_write_text
 from ..io.model_dir import read_manifest
+from ..layers.protocol import kind_of, linear_shape
 from ..models import discover, load_model
 from ..pruning import PruneOptions, SparsitySpec, get_method, prune_model
 from ..runtime import release_memory
@@ -82,10 +83,28 @@ def expanded_manifest(path: str) -> dict:
     return manifest
 
 
+def check_expanded_matches(model, path: str, manifest: dict) -> None:
+    """Every expert layer of the expanded model replaces a linear of `model` with the same shape (before any work:
+    an expanded model built from another model is refused)."""
+    for name, spec in manifest.get("custom_layers", {}).items():
+        if "in_features" not in spec or "out_features" not in spec:
+            continue  # routers and other layers without a linear's shape
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"--expanded {path} was built from another model: --model has no layer {name}") from None
+        shape = tuple(linear_shape(module)) if kind_of(module) is not None else None
+        if shape is not None and shape != (spec["out_features"], spec["in_features"]):
+            raise UsageError(f"--expanded {path} does not match --model: {name} is {spec['out_features']}x"
+                             f"{spec['in_features']} there, {shape[0]}x{shape[1]} here (built from another model?)")
+
+
 def run_neurons(session: Session, out: str, options: NeuronOptions, overwrite: bool = False) -> dict:
     """Measure, write and (optionally) ablate and compare with an expanded model; returns the summary."""
     options.validate()
     blocks = options.blocks(len(session.layout.blocks))
+    if options.expanded:
+        check_expanded_matches(session.model, options.expanded, options._manifest)
     windows = session.calibration()
     s = session.settings
     with atomic_output_dir(out, overwrite) as tmp:

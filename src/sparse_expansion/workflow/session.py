@@ -12,7 +12,7 @@ from ..data.windows import BOS_MODES
 from ..errors import UsageError
 from ..models import ModelLayout, discover, load_model
 from ..models.loading import LoadedModel, context_length
-from ..runtime import resolve_device
+from ..runtime import release_memory, resolve_device
 
 
 @dataclass
@@ -89,6 +89,7 @@ class Session:
             s = self.settings
             self.calib = calibration_windows(self._corpus(), self.tokenizer, s.calib_samples, s.seqlen, s.seed,
                                              bos=self.bos_token_id)
+            release_memory()  # tokenizing a corpus leaves hundreds of MB of freed heap behind
         return self.calib
 
     def evaluation(self) -> torch.Tensor:
@@ -96,6 +97,7 @@ class Session:
             s = self.settings
             self._eval = evaluation_windows(self._corpus(), self.tokenizer, s.seqlen, s.eval_samples,
                                             bos=self.bos_token_id)
+            release_memory()
         return self._eval
 
     def data_summary(self) -> dict | None:

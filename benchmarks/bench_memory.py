@@ -1,0 +1,165 @@
+"""Peak resident memory of `prune` and `expand` streamed block by block, against the size of the model.
+
+Each job runs the CLI in a child process of its own, which reports its peak resident set size
+(getrusage ru_maxrss) when it exits; a child that only imports the same libraries gives the floor. Models:
+- `embedded`: SmolLM2-135M-Instruct (30 blocks);
+- `deep`: the same width, three times the depth (90 blocks), random weights (seed 0);
+- `llama-7b`: Llama-7B-shaped blocks (hidden 4096, FFN 11008, 32 heads; --blocks of them), random weights,
+  with the embedded model's tokenizer (49,152 tokens).
+If the peak follows one block, `deep` peaks where `embedded` does although it is three times larger.
+
+    python benchmarks/bench_memory.py --models embedded,deep --jobs prune,expand --out docs/bench_memory.json
+    python benchmarks/bench_memory.py --models llama-7b --blocks 2 --jobs expand --dtype bfloat16 \\
+        --calib 16x256 --out docs/bench_memory_llama7b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import write_results
+
+# The child reports its whole peak (getrusage) and the peak while the engine walks the blocks: the kernel's
+# high-water mark (VmHWM) is reset when the walk starts (writing 5 to /proc/self/clear_refs) and read when
+# it ends, so what comes before (tokenizing the corpus, loading the parts outside the blocks) is apart.
+CHILD = """
+import json, resource, sys
+out = sys.argv[1]
+walk = {}
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+if sys.argv[2] == "--imports-only":
+    import torch, transformers, sparse_expansion.cli, sparse_expansion.workflow
+    from transformers.models.llama import modeling_llama
+    code = 0
+else:
+    from sparse_expansion.calibration.engine import SequentialCalibration
+    from sparse_expansion.cli import main
+    original = SequentialCalibration.run
+    def run(self, *args, **kwargs):
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            walk["peak"] = max(walk.get("peak", 0), hwm())
+    SequentialCalibration.run = run
+    code = main(sys.argv[2:])
+with open(out, "w") as handle:
+    json.dump({"code": code, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "walk_peak_rss_bytes": walk.get("peak")}, handle)
+sys.exit(code)
+"""
+
+
+def _child(args: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        report = handle.name
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", CHILD, report, *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"child failed ({done.returncode}): {' '.join(args)}\n{done.stderr[-3000:]}")
+    result = json.loads(Path(report).read_text())
+    os.unlink(report)
+    return {**result, "seconds": seconds, "stdout": done.stdout.strip().splitlines()[-2:]}
+
+
+def _random_model(kind: str, directory: Path, blocks: int, dtype: str) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from sparse_expansion.models.loading import default_model_dir
+
+    embedded = default_model_dir(quiet=True)
+    tokenizer = AutoTokenizer.from_pretrained(embedded)
+    if kind == "deep":
+        config = AutoConfig.from_pretrained(embedded)
+        config.num_hidden_layers *= 3
+    else:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                             num_hidden_layers=blocks, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    path = directory / kind
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="embedded,deep", help="embedded, deep, llama-7b (comma-separated)")
+    parser.add_argument("--jobs", default="prune,expand")
+    parser.add_argument("--blocks", type=int, default=2, help="decoder blocks of the llama-7b shape")
+    parser.add_argument("--calib", default="32x256", help="calibration windows x seqlen")
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--dtype", default="float32", help="weights of the random models and of the run")
+    parser.add_argument("--workdir", default=None, help="where the models and outputs go (default: a temp dir)")
+    parser.add_argument("--out", default="docs/bench_memory.json")
+    args = parser.parse_args()
+    windows, seqlen = (int(v) for v in args.calib.split("x"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
+    floor = _child(["--imports-only"])["peak_rss_bytes"]
+    rows = []
+    try:
+        for kind in args.models.split(","):
+            if kind == "embedded":
+                from sparse_expansion.models.loading import default_model_dir
+
+                model_dir = default_model_dir(quiet=True)
+            else:
+                model_dir = _random_model(kind, work, args.blocks, args.dtype)
+            config = json.loads((model_dir / "config.json").read_text())
+            blocks = config["num_hidden_layers"]
+            for job in args.jobs.split(","):
+                out = work / f"{kind}-{job}"
+                common = ["--model", str(model_dir), "--calib-samples", str(windows), "--seqlen", str(seqlen),
+                          "--sparsity", str(args.sparsity), "--dtype", args.dtype, "--quiet", "--out", str(out)]
+                command = (["prune", "--method", "sparsegpt", *common] if job == "prune" else
+                           ["expand", "--experts", str(args.experts), *common])
+                result = _child(command)
+                manifest = json.loads((out / "manifest.json").read_text())
+                row = {"model": kind, "job": job, "blocks": blocks, "hidden": config["hidden_size"],
+                       "ffn": config["intermediate_size"], "calib": args.calib, "dtype": args.dtype,
+                       "experts": args.experts if job == "expand" else None, "sparsity": args.sparsity,
+                       "command": "sparse-expansion " + " ".join(command),
+                       "peak_rss_bytes": result["peak_rss_bytes"], "imports_rss_bytes": floor,
+                       "walk_peak_rss_bytes": result["walk_peak_rss_bytes"],
+                       "above_imports_bytes": result["peak_rss_bytes"] - floor, "seconds": result["seconds"],
+                       "input_model_bytes": _bytes(model_dir),
+                       "output_in_memory_bytes": manifest["weights"]["dense_bytes"],
+                       "output_file_bytes": manifest["weights"]["bytes"]}
+                block_files = sorted(out.glob("block-*.safetensors"))
+                row["output_block_bytes_in_memory"] = manifest["weights"]["dense_bytes"] // max(1, len(block_files))
+                rows.append(row)
+                print(f"{kind} {job}: peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB ({row['above_imports_bytes'] / 2**30:.2f} "
+                      f"above the imports), while walking the blocks {row['walk_peak_rss_bytes'] / 2**30:.2f} GiB; "
+                      f"input model {row['input_model_bytes'] / 2**30:.2f} GiB, output in memory "
+                      f"would be {row['output_in_memory_bytes'] / 2**30:.2f} GiB; {row['seconds']:.0f} s", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    write_results(args.out, rows, imports_rss_bytes=floor)
+
+
+if __name__ == "__main__":
+    main()
