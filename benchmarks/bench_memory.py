@@ -1,7 +1,7 @@
 """Peak resident memory of `prune` and `expand` streamed block by block, against the size of the model.
 
 Each job runs the CLI in a child process of its own, which reports its peak resident set size
-(getrusage ru_maxrss) when it exits; a child that only imports the same libraries gives the floor. Models:
+(VmHWM) when it exits; a child that only imports the same libraries gives the floor. Models:
 - `embedded`: SmolLM2-135M-Instruct (30 blocks);
 - `deep`: the same width, three times the depth (90 blocks), random weights (seed 0);
 - `llama-7b`: Llama-7B-shaped blocks (hidden 4096, FFN 11008, 32 heads; --blocks of them), random weights,
@@ -16,6 +16,7 @@ If the peak follows one block, `deep` peaks where `embedded` does although it is
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -27,11 +28,13 @@ from pathlib import Path
 
 from common import write_results
 
-# The child reports its whole peak (getrusage) and the peak while the engine walks the blocks: the kernel's
-# high-water mark (VmHWM) is reset when the walk starts (writing 5 to /proc/self/clear_refs) and read when
-# it ends, so what comes before (tokenizing the corpus, loading the parts outside the blocks) is apart.
+# The child reports its whole peak and the peak while the engine walks the blocks, both from the kernel's
+# high-water mark of its own memory (VmHWM; getrusage's ru_maxrss would also count the parent's memory at
+# the fork, which survives the exec). For the walk, the mark is reset when the walk starts (writing 5 to
+# /proc/self/clear_refs) and read when it ends, so what comes before (tokenizing the corpus, loading the
+# parts outside the blocks) is apart.
 CHILD = """
-import json, resource, sys
+import json, sys
 out = sys.argv[1]
 walk = {}
 def hwm():
@@ -56,8 +59,7 @@ else:
     SequentialCalibration.run = run
     code = main(sys.argv[2:])
 with open(out, "w") as handle:
-    json.dump({"code": code, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-               "walk_peak_rss_bytes": walk.get("peak")}, handle)
+    json.dump({"code": code, "peak_rss_bytes": hwm(), "walk_peak_rss_bytes": walk.get("peak")}, handle)
 sys.exit(code)
 """
 
@@ -95,6 +97,8 @@ def _random_model(kind: str, directory: Path, blocks: int, dtype: str) -> Path:
     path = directory / kind
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    del model
+    gc.collect()
     return path
 
 

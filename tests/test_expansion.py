@@ -11,7 +11,7 @@ import sparse_expansion
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model, fit_router
 from sparse_expansion.expansion import build as build_module
 from sparse_expansion.expansion.fitting import _kmeans_torch
-from sparse_expansion.models import discover
+from sparse_expansion.models import discover, linear_weight
 from sparse_expansion.pruning import METHODS, SparsitySpec, prune_model
 
 
@@ -296,3 +296,32 @@ def test_experts_pruned_a_few_at_a_time_equal_all_at_once(monkeypatch):
     assert 1 <= build_module.experts_per_batch(4096, 11008, 16, torch.device("cpu")) < 8
     monkeypatch.setattr(build_module, "_free_bytes", lambda device: 2**20)
     assert build_module.experts_per_batch(4096, 11008, 16, torch.device("cpu")) == 1  # never none
+
+
+def test_compact_experts_give_the_same_logits_from_a_fraction_of_the_memory(expanded_llama, tokenizer, tmp_path):
+    """Loaded for inference with `compact`, each expert is one CSR copy (no dense stack): the logits are the
+    dense stack's, the kernels (forced on) agree to rounding, and the model refuses to be saved."""
+    from sparse_expansion.inference import accelerate
+    from sparse_expansion.io.model_dir import load_model_dir
+
+    model, _ = expanded_llama
+    sparse_expansion.save(model, tokenizer, tmp_path / "se")
+    compact, _, _ = load_model_dir(tmp_path / "se", compact=True)
+    layers = [m for m in compact.modules() if isinstance(m, ExpertLinear)]
+    assert layers and all(m.compacted for m in layers)
+    dense_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, ExpertLinear))
+    held = sum(m.weight.untyped_storage().nbytes() + sum(k.nbytes for k in m.expert_kernels) for m in layers)
+    assert held < 0.8 * dense_bytes  # 50% sparse experts: ~6 of 8 bytes per weight pair (CSR, 16-bit columns)
+    x = small_windows(2, 20, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        assert torch.equal(compact(input_ids=x).logits, expected)  # decoded experts: the same products
+        accelerate(compact, "always")  # every expert product through the CSR kernel
+        torch.testing.assert_close(compact(input_ids=x).logits, expected, rtol=1e-4, atol=1e-4)
+    originals = dict(model.named_modules())
+    for name, module in compact.named_modules():  # the protocol still reads the weights (decoded)
+        if isinstance(module, ExpertLinear):
+            assert torch.equal(linear_weight(module), originals[name].weight)
+    with pytest.raises(UsageError, match="cannot be saved"):
+        sparse_expansion.save(compact, tokenizer, tmp_path / "again")
+    assert not (tmp_path / "again").exists()

@@ -389,7 +389,8 @@ def _build_streamed(args, command: str, report, job, extra_of=None):
                 print(f"sparse-expansion: state kept for --resume {store.path}", file=sys.stderr)
         raise
     if args.eval:
-        built = load_model(args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code, quiet=True).model
+        built = load_model(args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code, quiet=True,
+                           compact=args.device == "cpu").model
         data["perplexity"] = workflow.evaluate(session, built)
         _on_main(update_manifest, args.out, {"perplexity": data["perplexity"]})
     return session, data
@@ -470,7 +471,7 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip() and not args.chat:
         raise UsageError("--prompt is empty: give some text to continue")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                        quiet=True)
+                        quiet=True, compact=True)
     tokenizer = loaded.tokenizer
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -572,7 +573,7 @@ def cmd_eval(args) -> int:
 
     if args.json:
         check_output_path(args.json, overwrite=True)
-    session = workflow.open_session(_settings(args))
+    session = workflow.open_session(_settings(args), compact=args.device == "cpu")
     result = workflow.evaluate(session, session.model)
     result.update({"model": session.loaded.source, "seqlen": args.seqlen,
                    "data": session.data_summary()})

@@ -73,9 +73,9 @@ def save_model_dir(model: nn.Module, tokenizer, out: str | Path, manifest: dict 
     """Write a model directory atomically. `weight_format`: `compressed` (sparse tensors as bitmask/CSR),
     `dense` (every tensor as it is; a plain Hugging Face checkpoint when the model has no custom layers) or
     `auto` (compressed whenever that is smaller)."""
+    layers = describe_layers(model)  # first: a layer that cannot be saved says so before anything is written
     state = model.state_dict()
     weight_format = resolve_weight_format(state, weight_format)
-    layers = describe_layers(model)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if weight_format == "dense" and not layers:
             form = "hf"
@@ -180,7 +180,20 @@ def rebuild_layers(model: nn.Module, layers: dict[str, dict], dtype: torch.dtype
         resolve(name)
 
 
-def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remote_code: bool):
+def _compact(model: nn.Module, names: list[str]) -> None:
+    """Hold the layers whose tensors were just loaded in their compressed form (their kinds decide)."""
+    for name in {n.rsplit(".", 1)[0] for n in names}:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        kind = kind_of(module)
+        if kind is not None:
+            kind.compact(module)
+
+
+def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remote_code: bool,
+                      compact: bool = False):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -202,6 +215,8 @@ def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remo
             raise UsageError(f"{path / name} does not match {MANIFEST_FILE}: {first_line(exc)}") from None
         if result.unexpected_keys:
             raise UsageError(f"{path / name} has tensors the model does not: {', '.join(result.unexpected_keys[:3])}")
+        if compact and dtype == torch.float32:
+            _compact(model, list(state))  # this file's dense experts go before the next file is read
         del state
     model.tie_weights()
     missing = [name for name, p in (*model.named_parameters(), *model.named_buffers()) if p.is_meta]
@@ -210,9 +225,12 @@ def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remo
     return model.to(dtype)
 
 
-def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   compact: bool = False):
     """Load any directory: this tool's (checksums verified, custom layers rebuilt) or a plain Hugging Face
-    one. Returns (model, tokenizer, manifest or None)."""
+    one. Returns (model, tokenizer, manifest or None). `compact` (inference only): layers whose kind has a
+    compressed form keep only that, file by file as they are read (an expanded model's experts as CSR
+    copies, not k dense copies of every FFN matrix)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -223,7 +241,7 @@ def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, trust_r
         if manifest is not None:
             verify_weights(path, manifest)
         if manifest is not None and manifest["weights"]["form"] == "state-dict":
-            model = _state_dict_model(path, manifest, dtype, trust_remote_code)
+            model = _state_dict_model(path, manifest, dtype, trust_remote_code, compact)
         else:
             try:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,

@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..errors import UsageError
 
 from .linear import nonzero_flops
 from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
 from .router import Router
-from .sparse_linear import CSRWeight, csr_candidate, prepare_csr, sparse_product
+from .sparse_linear import CSRWeight, apply_switch, csr_candidate, prepare_csr, sparse_product
+from .switch import ALWAYS
 
 ROUTERS_ATTR = "sparse_expansion_routers"  # ModuleDict attached to each expanded decoder block
 
@@ -59,8 +63,37 @@ class ExpertLinear(RoutedExperts):
     def extra_repr(self) -> str:
         return f"experts={self.experts}, in_features={self.in_features}, out_features={self.out_features}"
 
+    @property
+    def compacted(self) -> bool:
+        """Only the experts' CSR copies are held (`compact`): the dense stack is a shape without storage."""
+        return getattr(self, "_compacted", False)
+
+    def compact(self) -> bool:
+        """Keep only a CSR copy of every expert (about 45% of the dense fp32 bytes at 70% sparsity) and free
+        the dense stack; products use the kernel where its switch says so, else the expert decoded for the
+        call (exactly the dense product). Only fp32 CPU stacks whose every expert is sparse enough."""
+        if self.compacted:
+            return True
+        if not all(csr_candidate(w) for w in self.weight):
+            return False
+        if self.expert_kernels is None or any(k is None for k in self.expert_kernels):
+            self.expert_kernels = [CSRWeight(w) for w in self.weight]
+        # A stand-in with the stack's shape and no storage of its own (one zero, broadcast), so that shapes,
+        # dtype and `.to(cpu)` still work; saving is refused by the kind (describe).
+        self.weight = nn.Parameter(torch.zeros(1, dtype=self.weight.dtype).expand(self.weight.shape),
+                                   requires_grad=False)
+        self._compacted = True
+        return True
+
+    def expert_weight(self, expert: int) -> torch.Tensor:
+        return self.expert_kernels[expert].to_dense() if self.compacted else self.weight[expert]
+
     def _expert_product(self, expert: int, x2d: torch.Tensor) -> torch.Tensor:
         kernel = self.expert_kernels[expert] if self.expert_kernels is not None else None
+        if self.compacted:
+            if kernel.use_sparse(x2d.shape[0]) and x2d.dtype == torch.float32 and not torch.is_grad_enabled():
+                return kernel.matmul(x2d.contiguous(), self.bias)
+            return F.linear(x2d, kernel.to_dense(), self.bias)
         return sparse_product(kernel, x2d, self.weight[expert], self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,11 +160,25 @@ class ExpertLinearKind(LayerKind):
     types = (ExpertLinear,)
     linear = True
 
+    def weight(self, module: ExpertLinear) -> torch.Tensor:
+        if module.compacted:  # decoded: a compact layer keeps no dense stack
+            return torch.stack([module.expert_weight(e) for e in range(module.experts)])
+        return module.weight
+
+    def shape(self, module: ExpertLinear) -> tuple[int, int]:
+        return module.out_features, module.in_features
+
     def set_weight(self, module: ExpertLinear, weight: torch.Tensor) -> None:
+        if module.compacted:
+            raise UsageError("the experts of this layer are held compressed for inference; reload the model to "
+                             "change them")
         with torch.no_grad():
             module.weight.copy_(weight.to(module.weight.dtype).expand_as(module.weight))
 
     def describe(self, module: ExpertLinear, name_of) -> dict:
+        if module.compacted:
+            raise UsageError("a model whose experts are held compressed for inference cannot be saved; save it "
+                             "before loading it for inference")
         return {"router": name_of(module.router), "experts": module.experts, "in_features": module.in_features,
                 "out_features": module.out_features, "bias": module.bias is not None}
 
@@ -145,15 +192,32 @@ class ExpertLinearKind(LayerKind):
     def flops_per_token(self, module: ExpertLinear) -> float:
         """Each token runs exactly one expert: the mean over experts of its non-zero multiply-adds (the
         router is costed by its own kind)."""
+        if module.compacted:
+            return sum(2 * k.nnz for k in module.expert_kernels) / module.experts
         return mean_nonzero_flops(module.weight)
 
     def bytes_per_token(self, module: ExpertLinear) -> float:
+        if module.compacted:
+            dense = module.out_features * module.in_features * module.weight.element_size()
+            return (sum(k.nbytes if k.use_sparse(1) else dense for k in module.expert_kernels) / module.experts
+                    + tensor_bytes(module.bias))
         return mean_expert_bytes(module.expert_kernels, module.weight) + tensor_bytes(module.bias)
 
     def accelerate(self, module: ExpertLinear, context: AccelerateContext) -> ExpertLinear:
         if context.mode == "off" or not context.cpu_kernels:
             return module
+        if module.compacted:  # the CSR copies exist: measure their switches on the decoded experts
+            for e, kernel in enumerate(module.expert_kernels):
+                if context.mode == "always":
+                    kernel.switch = ALWAYS
+                else:
+                    apply_switch(context.switches, kernel, module.expert_weight(e))
+            return module
         module.expert_kernels = csr_copies(module.weight, context)
+        return module
+
+    def compact(self, module: ExpertLinear) -> ExpertLinear:
+        module.compact()
         return module
 
 

@@ -73,6 +73,10 @@ class LayerKind:
     def accelerate(self, module: nn.Module, context: AccelerateContext) -> nn.Module:
         return module
 
+    def compact(self, module: nn.Module) -> nn.Module:
+        """Hold the layer in its compressed form only (inference; no dense copy kept). Default: as it is."""
+        return module
+
 
 _REGISTRY: dict[str, LayerKind] = {}
 

@@ -59,6 +59,16 @@ class CSRWeight(Switched):
     def use_sparse(self, tokens: int) -> bool:
         return self.use_fast(tokens)
 
+    def to_dense(self) -> torch.Tensor:
+        """The matrix back, exactly (for the dense products of a layer that keeps only this copy)."""
+        columns = self.col.to(torch.int64)
+        if self.col.dtype == torch.int16:
+            columns = columns & 0xFFFF  # uint16 bits stored in int16
+        rows = torch.repeat_interleave(torch.arange(self.rows), self.rowptr.diff())
+        dense = torch.zeros(self.rows, self.cols, dtype=torch.float32)
+        dense[rows, columns] = self.values
+        return dense
+
     def bytes_at_one_token(self, dense: torch.Tensor) -> int:
         """Weight bytes one token reads: the CSR arrays when the kernel runs at one token, else the matrix."""
         return self.nbytes if self.use_sparse(1) else tensor_bytes(dense)

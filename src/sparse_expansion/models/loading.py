@@ -122,9 +122,11 @@ def load_model(
     trust_remote_code: bool = False,
     quiet: bool = False,
     stream: bool = False,
+    compact: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from any of the accepted `--model` forms. `stream`: leave the decoder
-    blocks on disk (StreamedBlocks reads each at its turn) when the directory allows it (models/streaming.py)."""
+    blocks on disk (StreamedBlocks reads each at its turn) when the directory allows it (models/streaming.py).
+    `compact` (inference on the CPU): an expanded model's experts are held as CSR copies only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
@@ -150,7 +152,8 @@ def load_model(
         local_dir = None
     elif path.is_dir():
         with _quiet_transformers(quiet):
-            model, tokenizer, manifest = load_model_dir(path, torch_dtype, trust_remote_code)
+            model, tokenizer, manifest = load_model_dir(path, torch_dtype, trust_remote_code,
+                                                        compact=compact and torch_device.type == "cpu")
         local_dir = path
     elif path.exists():
         raise UsageError(f"--model {spec}: expected a model directory or a .gguf file")

@@ -71,27 +71,33 @@ class CompareState:
     ROWS = "rows.json"
 
     def __init__(self, path: str | Path, fingerprint: dict, resume: bool):
+        """Rank 0 checks (or creates) the directory; the other ranks then read what it holds."""
         self.path = Path(path)
         self.fingerprint = json.loads(json.dumps(fingerprint))
-        file = self.path / self.ROWS
-        if resume:
-            if not file.is_file():
-                raise UsageError(f"--resume {self.path}: no interrupted compare there (no {self.ROWS})")
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UsageError(f"{file} is not valid JSON: {exc}") from None
-            check_fingerprint(data.get("fingerprint"), self.fingerprint, self.path)
-            self.rows = data.get("rows", [])
-        else:
-            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+        self.rows = []
+        if distributed.is_main():
+            if resume:
+                self.rows = self._read()
+            elif self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
                 raise UsageError(f"{self.path} already holds an interrupted compare; pass --resume {self.path} to "
                                  "continue it, or delete it")
-            self.rows = []
-            if distributed.is_main():
+            else:
                 self.path.mkdir(parents=True, exist_ok=True)
                 self._write()
         distributed.barrier()
+        if not distributed.is_main():
+            self.rows = self._read()
+
+    def _read(self) -> list[dict]:
+        file = self.path / self.ROWS
+        if not file.is_file():
+            raise UsageError(f"--resume {self.path}: no interrupted compare there (no {self.ROWS})")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{file} is not valid JSON: {exc}") from None
+        check_fingerprint(data.get("fingerprint"), self.fingerprint, self.path)
+        return data.get("rows", [])
 
     def _write(self) -> None:
         atomic_write_text(self.path / self.ROWS, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows},

@@ -111,12 +111,14 @@ class Session:
         return summary
 
 
-def open_session(settings: RunSettings, stream: bool = False) -> Session:
+def open_session(settings: RunSettings, stream: bool = False, compact: bool = False) -> Session:
     """Validate cheap options, load the model (on the CPU; blocks visit the device one at a time). `stream`:
-    leave the blocks on disk until their turn where the model directory allows it."""
+    leave the blocks on disk until their turn where the model directory allows it; `compact` (evaluation
+    only): an expanded model's experts held as CSR copies, not k dense copies of every FFN matrix."""
     settings.validate()
     loaded = load_model(settings.model, dtype=settings.dtype, device="cpu",
-                        trust_remote_code=settings.trust_remote_code, quiet=settings.quiet, stream=stream)
+                        trust_remote_code=settings.trust_remote_code, quiet=settings.quiet, stream=stream,
+                        compact=compact)
     return session_for(loaded, settings)
 
 
