@@ -9,6 +9,8 @@ Each job runs the CLI in a child process of its own, which reports its peak resi
 If the peak follows one block, `deep` peaks where `embedded` does although it is three times larger.
 
     python benchmarks/bench_memory.py --models embedded,deep --jobs prune,expand --out docs/bench_memory.json
+    # eval of the expanded model: experts as CSR copies (what `eval` does) against dense stacks
+    python benchmarks/bench_memory.py --models embedded --jobs expand,eval --out docs/bench_memory_eval.json
     python benchmarks/bench_memory.py --models llama-7b --blocks 2 --jobs expand --dtype bfloat16 \\
         --calib 16x256 --out docs/bench_memory_llama7b.json
 """
@@ -57,7 +59,12 @@ else:
         finally:
             walk["peak"] = max(walk.get("peak", 0), hwm())
     SequentialCalibration.run = run
-    code = main(sys.argv[2:])
+    args = sys.argv[2:]
+    if args[0] == "--dense-experts":  # the baseline: experts kept as the dense (k, out, in) stacks
+        from sparse_expansion.layers.expert_linear import ExpertLinear
+        ExpertLinear.compact = lambda self: False
+        args = args[1:]
+    code = main(args)
 with open(out, "w") as handle:
     json.dump({"code": code, "peak_rss_bytes": hwm(), "walk_peak_rss_bytes": walk.get("peak")}, handle)
 sys.exit(code)
@@ -102,6 +109,22 @@ def _random_model(kind: str, directory: Path, blocks: int, dtype: str) -> Path:
     return path
 
 
+def _eval_rows(kind: str, expanded: Path, args) -> list[dict]:
+    """Perplexity of the expanded model, its experts held as CSR copies (what `eval` does) and as dense stacks."""
+    rows = []
+    for variant in ("compact", "dense-experts"):
+        command = ["eval", "--model", str(expanded), "--seqlen", "256", "--eval-samples", str(args.eval_samples),
+                   "--dtype", args.dtype, "--quiet"]
+        result = _child((["--dense-experts"] if variant == "dense-experts" else []) + command)
+        rows.append({"model": kind, "job": f"eval ({variant})", "command": "sparse-expansion " + " ".join(command),
+                     "peak_rss_bytes": result["peak_rss_bytes"], "seconds": result["seconds"],
+                     "stdout": result["stdout"]})
+        print(f"{kind} eval, experts {variant}: peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB; "
+              f"{result['stdout'][-1]}; {result['seconds']:.0f} s", flush=True)
+    shutil.rmtree(expanded, ignore_errors=True)
+    return rows
+
+
 def _bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -115,6 +138,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--dtype", default="float32", help="weights of the random models and of the run")
+    parser.add_argument("--eval-samples", type=int, default=32, help="test windows of 256 tokens for job eval")
     parser.add_argument("--workdir", default=None, help="where the models and outputs go (default: a temp dir)")
     parser.add_argument("--out", default="docs/bench_memory.json")
     args = parser.parse_args()
@@ -134,6 +158,9 @@ def main() -> None:
             config = json.loads((model_dir / "config.json").read_text())
             blocks = config["num_hidden_layers"]
             for job in args.jobs.split(","):
+                if job == "eval":
+                    rows.extend(_eval_rows(kind, work / f"{kind}-expand", args))
+                    continue
                 out = work / f"{kind}-{job}"
                 common = ["--model", str(model_dir), "--calib-samples", str(windows), "--seqlen", str(seqlen),
                           "--sparsity", str(args.sparsity), "--dtype", args.dtype, "--quiet", "--out", str(out)]
@@ -158,7 +185,8 @@ def main() -> None:
                       f"above the imports), while walking the blocks {row['walk_peak_rss_bytes'] / 2**30:.2f} GiB; "
                       f"input model {row['input_model_bytes'] / 2**30:.2f} GiB, output in memory "
                       f"would be {row['output_in_memory_bytes'] / 2**30:.2f} GiB; {row['seconds']:.0f} s", flush=True)
-                shutil.rmtree(out, ignore_errors=True)
+                if not (job == "expand" and "eval" in args.jobs.split(",")):
+                    shutil.rmtree(out, ignore_errors=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

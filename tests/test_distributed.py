@@ -42,7 +42,9 @@ def test_two_processes_give_the_masks_and_perplexity_of_one(one_and_two, method)
     one, two = one_and_two
     ppl1, ppl2 = (json.loads((d / "ppl.json").read_text()) for d in (one, two))
     assert (ppl1["world"], ppl2["world"]) == (1, 2)
-    assert ppl2["ppl"][method] == pytest.approx(ppl1["ppl"][method], rel=1e-5)
+    # One thread per process in both runs: the same arithmetic, so the same numbers bit for bit (the
+    # acceptance asks for 1e-5; a sum of per-rank Hessians instead of the one-process order flips masks).
+    assert ppl2["ppl"][method] == ppl1["ppl"][method]
     a, b = load_file(one / f"{method}.safetensors"), load_file(two / f"{method}.safetensors")
     assert a.keys() == b.keys()
     pruned = [k for k in a if "mlp" in k and k.endswith("weight")]
@@ -50,7 +52,7 @@ def test_two_processes_give_the_masks_and_perplexity_of_one(one_and_two, method)
     for key in a:
         if key in pruned:
             assert torch.equal(a[key] == 0, b[key] == 0), f"{method}: mask of {key} differs"
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=f"{method}: {key}")
+        assert torch.equal(a[key], b[key]), f"{method}: {key} differs"
     # The run really pruned: half of each FFN weight (of each expert) is zero.
     assert all(abs((a[k] == 0).float().mean().item() - 0.5) < 0.02 for k in pruned)
 
@@ -68,7 +70,7 @@ def test_compare_under_torchrun_writes_one_report_with_the_one_process_figures(l
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two"))
     assert [r["method"] for r in two] == ["dense", "sparsegpt", "sparse-expansion"]
     for a, b in zip(one, two):
-        assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-5)
+        assert b["ppl"] == a["ppl"]
         assert b["eval_tokens"] == a["eval_tokens"] and b["measured_sparsity"] == a["measured_sparsity"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "one.md", "two.json", "two.md"]
 

@@ -161,9 +161,13 @@ def watching(block: nn.Module, watches: dict[str, Watch]) -> Iterator[None]:
     for watch in watches.values():
         module = block.get_submodule(watch.module)
 
-        def hook(_module, args, output, watch=watch):
+        # Under torch.distributed, statistics that can keep their batches for the reduce do (observers.py).
+        feed = getattr(watch.statistic, "defer", None) if distributed.active() else None
+        feed = feed or watch.statistic.update
+
+        def hook(_module, args, output, watch=watch, feed=feed):
             tensor = args[0] if watch.on == "input" else _hidden_output(output)
-            watch.statistic.update(tensor.detach())
+            feed(tensor.detach())
 
         handles.append(module.register_forward_hook(hook))
     try:

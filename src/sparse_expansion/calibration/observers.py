@@ -28,15 +28,32 @@ class _RunningMean:
         self.derived.clear()
         return self
 
+    def update(self, inputs: torch.Tensor) -> None:
+        self._accumulate(inputs)
+
+    def defer(self, inputs: torch.Tensor) -> None:
+        """Keep a batch for `all_reduce`, which applies every rank's batches in the one-process order (the
+        engine feeds watched statistics this way under torch.distributed)."""
+        self.__dict__.setdefault("pending", []).append(inputs.detach())
+
     def all_reduce(self) -> "_RunningMean":
-        """The token-weighted mean over every rank's tokens, on every rank (identity in one process)."""
+        """The statistic of every rank's batches, on every rank (identity in one process).
+
+        The ranks' batches are applied in rank order, which is the order one process sees them in (each rank
+        holds a contiguous share): rank 0 applies its own and broadcasts the statistic, rank 1 continues from
+        it, and so on. The same sequence of operations as one process, so the same numbers bit for bit (a sum
+        of per-rank partial statistics would differ in the last bits, and SparseGPT's masks flip on such
+        differences: 0.8% in perplexity on the embedded model)."""
         if distributed.active():
             field = getattr(self, self.FIELD)
-            total = distributed.all_sum(self.tokens)
-            distributed.all_reduce_sum_(field.mul_(self.tokens))
-            if total:
-                field.div_(total)
-            self.tokens = total
+            for src in range(distributed.world()):
+                if src == distributed.rank():
+                    for batch in self.__dict__.pop("pending", []):
+                        self._accumulate(batch)
+                counts = torch.tensor([float(self.tokens)], dtype=torch.float64)
+                distributed.broadcast_(counts, src)
+                distributed.broadcast_(field, src)
+                self.tokens = int(counts.item())
             self.derived.clear()
         return self
 
@@ -71,7 +88,7 @@ class InputSquaredNorm(_RunningMean):
         self.tokens = 0
         self.derived: dict = {}
 
-    def update(self, inputs: torch.Tensor) -> None:
+    def _accumulate(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).to(self.mean_sq.device, torch.float32)
         total = self.tokens + x.shape[0]
         self.mean_sq.mul_(self.tokens / total).add_(x.pow(2).sum(0), alpha=1.0 / total)
@@ -92,7 +109,7 @@ class Hessian(_RunningMean):
         self.tokens = 0
         self.derived: dict = {}
 
-    def update(self, inputs: torch.Tensor) -> None:
+    def _accumulate(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).to(self.matrix.device, torch.float32)
         total = self.tokens + x.shape[0]
         self.matrix.mul_(self.tokens / total)
