@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..layers.protocol import kind_named, kind_of, unique_tensor_bytes
-from ..runtime import first_line
+from ..runtime import first_line, release_memory
 from .atomic import atomic_output_dir, atomic_write_text
 from .compressed import COMPRESSED_WEIGHTS_FILE, load_compressed, resolve_weight_format, save_compressed
 
@@ -218,6 +218,8 @@ def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remo
         if compact and dtype == torch.float32:
             _compact(model, list(state))  # this file's dense experts go before the next file is read
         del state
+        if compact:
+            release_memory()  # the freed dense stacks, handed back to the system (not kept by the allocator)
     model.tie_weights()
     missing = [name for name, p in (*model.named_parameters(), *model.named_buffers()) if p.is_meta]
     if missing:
