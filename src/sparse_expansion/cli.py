@@ -358,15 +358,16 @@ def _fingerprint(args) -> dict:
 
 def _build_streamed(args, command: str, report, job, extra_of=None):
     """Open (or resume) the run's state directory, build block by block into it, then make it `--out`.
-    Returns (session, report, manifest). `job(session, model, engine_options, report)` runs the engine."""
+    Returns (session, manifest). `job(session, model, engine_options, report)` runs the engine."""
     from . import distributed, workflow
     from .io import save_model_dir
+    from .io.block_store import default_state_dir
     from .io.model_dir import update_manifest
     from .models import load_model
     from .workflow import streamed
 
     keep = command == "prune" and args.format == "dense"  # a plain HF checkpoint is written whole at the end
-    store = streamed.open_store(args.out, _fingerprint(args), args.resume)
+    store = streamed.open_store(args.resume or default_state_dir(args.out), _fingerprint(args), bool(args.resume))
     try:
         session = workflow.open_session(_settings(args), stream=not keep)
         if store.done and not args.quiet:
@@ -446,16 +447,15 @@ def cmd_expand(args) -> int:
         return workflow.expand_session_model(session, model, spec, options, config, engine_options, report=rep)
 
     def extra_of(session, store):
-        return {"costs": streamed.streamed_costs(session, store)} if store is not None else {}
+        return {"costs": streamed.streamed_costs(session, store)}
 
     _, data = _build_streamed(args, "expand", report, job, extra_of)
     print(f"sparse expansion x{config.experts} at {spec.label}: {report.overall_sparsity():.4f} sparsity per expert, "
           f"{report.fallbacks()} fallback experts, {report.seconds:.1f} s -> {args.out}")
-    costs = data.get("costs")
-    if costs:
-        print(f"FFN FLOPs/token {costs['ffn_flops_per_token'] / 1e6:.1f} M (dense "
-              f"{costs['ffn_dense_flops_per_token'] / 1e6:.1f} M, router {costs['router_flops_per_token'] / 1e6:.2f} M); "
-              f"stored {costs['stored_bytes'] / 2**20:.0f} MiB")
+    costs = data["costs"]
+    print(f"FFN FLOPs/token {costs['ffn_flops_per_token'] / 1e6:.1f} M (dense "
+          f"{costs['ffn_dense_flops_per_token'] / 1e6:.1f} M, router {costs['router_flops_per_token'] / 1e6:.2f} M); "
+          f"stored {costs['stored_bytes'] / 2**20:.0f} MiB")
     if args.eval:
         print(f"perplexity {data['perplexity']['ppl']:.3f} on {data['perplexity']['eval_tokens']} tokens")
     return 0

@@ -101,6 +101,14 @@ def mine(index: int) -> bool:
     return owner(index) == rank()
 
 
+def computed_by_owner(index: int, compute, shape: tuple[int, ...], dtype: torch.dtype,
+                      device: torch.device | str) -> torch.Tensor:
+    """Work item `index`'s result on every rank: `compute()` on the rank that owns it, broadcast from there
+    (in one process: just `compute()`). The result must have `shape` and `dtype`."""
+    result = compute() if mine(index) else torch.empty(shape, dtype=dtype, device=device)
+    return broadcast_(result, owner(index))
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the ranks, in place (the same result on every rank)."""
     if active():

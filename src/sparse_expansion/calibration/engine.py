@@ -320,15 +320,15 @@ class SequentialCalibration:
         blocks = self.layout.blocks
         count = len(blocks) if stop_after is None else min(len(blocks), stop_after + 1)
         for index in tqdm(range(count), desc=self.desc, disable=not self.progress, leave=False):
-            if onload is not None:
-                onload(index, blocks[index])
-            block = blocks[index].to(self.device)
-            if index < start:
-                restore(index, block)
+            if index < start:  # `restore` gives the block every tensor: nothing to read from the source
+                restore(index, blocks[index])
                 block = blocks[index].to(self.device)
                 batches = self._propagate(index, block, batches)
                 self._release(index, blocks[index], offload)
                 continue
+            if onload is not None:
+                onload(index, blocks[index])
+            block = blocks[index].to(self.device)
             watches = step.observe(index, block) if step is not None else {}
             if step is not None and step.modifies:
                 if watches:

@@ -283,11 +283,9 @@ class ExpandStep(Step):
                 else:
                     # Under torch.distributed the linears are divided among the ranks, each broadcasts its experts.
                     position += 1
-                    if distributed.mine(position):
-                        experts = self._prune_experts(weight, fit, keep).to(weight.dtype)
-                    else:
-                        experts = weight.new_empty((config.experts, *weight.shape))
-                    experts = distributed.broadcast_(experts, distributed.owner(position))
+                    experts = distributed.computed_by_owner(
+                        position, lambda: self._prune_experts(weight, fit, keep), (config.experts, *weight.shape),
+                        weight.dtype, weight.device)
                     layer = ExpertLinear(router, experts, bias)
                     zeros = (layer.weight == 0).flatten(1).sum(1).tolist()
                     extra = {}

@@ -26,14 +26,13 @@ import torch
 from ..errors import UsageError
 from ..layers.protocol import unique_tensor_bytes
 from .atomic import atomic_write_text, move_into_place
-from .compressed import COMPRESSED_WEIGHTS_FILE, load_compressed, save_compressed
+from .compressed import COMPRESSED_WEIGHTS_FILE, ENCODINGS, load_compressed, save_compressed
 from .model_dir import FORMAT, MANIFEST_FILE, file_sha256, write_manifest
 
 STATE_FILE = "state.json"
 # The tensors outside the blocks: the usual file name of a compressed directory (dense: a name that no Hugging
 # Face loader mistakes for a whole checkpoint).
 REST_FILES = {"compressed": COMPRESSED_WEIGHTS_FILE, "dense": "rest.safetensors"}
-ENCODINGS = {"compressed": (("dense", "bitmask", "csr"), True), "dense": (("dense",), False)}
 
 
 def default_state_dir(out: str | os.PathLike) -> Path:

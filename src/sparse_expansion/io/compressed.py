@@ -89,6 +89,8 @@ def encoded_sizes(tensor: torch.Tensor) -> dict[str, int]:
 
 
 WEIGHT_FORMATS = ("auto", "compressed", "dense")
+# weight format -> (encodings allowed per tensor, entropy-coded byte planes)
+ENCODINGS = {"compressed": (("dense", "bitmask", "csr"), True), "dense": (("dense",), False)}
 
 
 def resolve_weight_format(state: dict[str, torch.Tensor], requested: str) -> str:

@@ -35,7 +35,7 @@ from ..errors import UsageError
 from ..layers.protocol import kind_named, kind_of, unique_tensor_bytes
 from ..runtime import first_line, release_memory
 from .atomic import atomic_output_dir, atomic_write_text
-from .compressed import COMPRESSED_WEIGHTS_FILE, load_compressed, resolve_weight_format, save_compressed
+from .compressed import COMPRESSED_WEIGHTS_FILE, ENCODINGS, load_compressed, resolve_weight_format, save_compressed
 
 FORMAT = "sparse-expansion/model"
 FORMAT_VERSION = 2
@@ -82,17 +82,40 @@ def save_model_dir(model: nn.Module, tokenizer, out: str | Path, manifest: dict 
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             form = "state-dict"
-            model.config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(tmp)
+            save_config(model, tmp)
             name = COMPRESSED_WEIGHTS_FILE if weight_format == "compressed" else STATE_DICT_FILE
-            allow = ("dense", "bitmask", "csr") if weight_format == "compressed" else ("dense",)
-            save_compressed(state, tmp / name, allow=allow,
-                            pack=weight_format == "compressed")
+            allow, pack = ENCODINGS[weight_format]
+            save_compressed(state, tmp / name, allow=allow, pack=pack)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_manifest(tmp, manifest, form, weight_format, unique_tensor_bytes(state.values()), layers)
     return Path(out)
+
+
+def save_config(model: nn.Module, directory: Path) -> None:
+    """config.json, and generation_config.json when the model has one."""
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+
+
+def empty_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model that `path`'s config.json describes, its weights empty (meta) and its buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"could not load model directory {path}: {first_line(exc)}") from None
+
+
+def meta_tensors(model: nn.Module, skip_prefix: str | None = None) -> list[str]:
+    """Names of the parameters and buffers still without data (outside `skip_prefix`)."""
+    return [name for name, t in (*model.named_parameters(), *model.named_buffers())
+            if t.is_meta and not (skip_prefix and name.startswith(skip_prefix))]
 
 
 def write_manifest(directory: Path, manifest: dict | None, form: str, encoding: str, dense_bytes: int,
@@ -194,15 +217,10 @@ def _compact(model: nn.Module, names: list[str]) -> None:
 
 def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remote_code: bool,
                       compact: bool = False):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     files = [f for f in manifest["weights"]["sha256"] if f.endswith(".safetensors")]
     if not files:
         raise UsageError(f"{path / MANIFEST_FILE}: a state-dict directory lists no weight file")
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    model = empty_model(path, dtype, trust_remote_code)
     try:
         rebuild_layers(model, manifest.get("custom_layers", {}), dtype)
     except (KeyError, IndexError, AttributeError, TypeError) as exc:
@@ -221,7 +239,7 @@ def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remo
         if compact:
             release_memory()  # the freed dense stacks, handed back to the system (not kept by the allocator)
     model.tie_weights()
-    missing = [name for name, p in (*model.named_parameters(), *model.named_buffers()) if p.is_meta]
+    missing = meta_tensors(model)
     if missing:
         raise UsageError(f"{path} lacks tensors of the model: {', '.join(missing[:3])}")
     return model.to(dtype)

@@ -197,10 +197,8 @@ class ExpertLinearKind(LayerKind):
         return mean_nonzero_flops(module.weight)
 
     def bytes_per_token(self, module: ExpertLinear) -> float:
-        if module.compacted:
-            dense = module.out_features * module.in_features * module.weight.element_size()
-            return (sum(k.nbytes if k.use_sparse(1) else dense for k in module.expert_kernels) / module.experts
-                    + tensor_bytes(module.bias))
+        # Compacted too: each expert's stand-in view has the expert's shape and dtype, so a dense fallback
+        # counts the matrix it decodes.
         return mean_expert_bytes(module.expert_kernels, module.weight) + tensor_bytes(module.bias)
 
     def accelerate(self, module: ExpertLinear, context: AccelerateContext) -> ExpertLinear:

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..io.model_dir import read_manifest, verify_weights
-from ..runtime import first_line
+from ..io.model_dir import empty_model, meta_tensors, read_manifest, verify_weights
 from .discovery import ModelLayout, discover
 
 
@@ -86,20 +85,13 @@ class StreamedBlocks:
 
 def open_streamed(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False):
     """(model with empty blocks, StreamedBlocks) for a `streamable` directory."""
-    from accelerate import init_empty_weights
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     manifest = read_manifest(path)
     if manifest is not None:
         verify_weights(path, manifest)
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"could not load model directory {path}: {first_line(exc)}") from None
+    model = empty_model(path, dtype, trust_remote_code)
     layout = discover(model)
     locations: dict[str, Path] = {}
     for file in _weight_files(path):
@@ -114,8 +106,7 @@ def open_streamed(path: str | Path, dtype: torch.dtype, trust_remote_code: bool 
         raise UsageError(f"{path}: tensors the model does not have ({result.unexpected_keys[0]}); it cannot be "
                          "streamed")
     model.tie_weights()
-    missing = [n for n, p in (*model.named_parameters(), *model.named_buffers())
-               if p.is_meta and not n.startswith(blocks_prefix)]
+    missing = meta_tensors(model, skip_prefix=blocks_prefix)
     if missing:
         raise UsageError(f"{path}: the checkpoint has no tensor {missing[0]}; it cannot be streamed")
     model.eval()

@@ -94,12 +94,11 @@ class PruneStep(Step):
             module = block.get_submodule(name)
             rows = None if self.rows is None else self.rows[path]
             current = linear_weight(module)
-            if distributed.mine(position):
-                pruned = _pruned_weight(module, self.method, statistics[group], self.spec, self.options, self.device,
-                                        rows).to(current.dtype)
-            else:
-                pruned = torch.empty(current.shape, dtype=current.dtype, device=self.device)
-            set_linear_weight(module, distributed.broadcast_(pruned, distributed.owner(position)))
+            pruned = distributed.computed_by_owner(
+                position, lambda: _pruned_weight(module, self.method, statistics[group], self.spec, self.options,
+                                                 self.device, rows).to(current.dtype),
+                current.shape, current.dtype, self.device)
+            set_linear_weight(module, pruned)
             _record(path, linear_weight(module), self.report, rows)
 
 

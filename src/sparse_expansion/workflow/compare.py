@@ -25,7 +25,7 @@ from ..models import discover, ffn_costs
 from ..pruning import METHODS, PruneOptions, PruneReport, SparsitySpec, get_method
 from .jobs import evaluate, expand_session_model, prune_session_model
 from .session import Session
-from .streamed import build_streamed
+from .streamed import build_streamed, open_store
 
 EXPANSION = "sparse-expansion"
 
@@ -105,10 +105,7 @@ class CompareState:
 
     def job_store(self, index: int, description: dict) -> BlockStore:
         path = self.path / f"job-{index:03d}"
-        resume = (path / STATE_FILE).is_file()
-        store = BlockStore(path, description, resume=resume) if distributed.is_main() else None
-        distributed.barrier()
-        return store if store is not None else BlockStore(path, description, resume=True)
+        return open_store(path, description, resume=(path / STATE_FILE).is_file())
 
     def add_row(self, index: int, row: dict) -> None:
         self.rows.append(row)
@@ -119,7 +116,7 @@ class CompareState:
 
     def has_progress(self) -> bool:
         """Rows or saved blocks that a resumed run would reuse."""
-        return bool(self.rows) or any(p.name.startswith("job-") for p in self.path.glob("job-*"))
+        return bool(self.rows) or any(self.path.glob("job-*"))
 
     def discard(self) -> None:
         if distributed.is_main():
@@ -178,14 +175,14 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
             continue
         model = session.model if t.apply is None else copy.deepcopy(session.model)
         seconds, measured = 0.0, 0.0
-        if t.apply is not None and state is not None and t.uses_data:
-            store = state.job_store(index, {"job": index, "method": t.name, "spec": spec.label, "experts": k})
-            report = build_streamed(session, store, lambda m, engine_options, rep: t.apply(
-                session, m, spec, options, k, expansion, engine_options, rep),
-                t.new_report(session, spec, k, expansion), "dense", keep_model=True, model=model)
-            seconds, measured = report.seconds, report.overall_sparsity()
-        elif t.apply is not None:
-            report = t.apply(session, model, spec, options, k, expansion)
+        if t.apply is not None:
+            if state is not None and t.uses_data:  # every block saved, a resumed job continues after the last
+                store = state.job_store(index, {"job": index, "method": t.name, "spec": spec.label, "experts": k})
+                report = build_streamed(session, store, lambda m, engine_options, rep: t.apply(
+                    session, m, spec, options, k, expansion, engine_options, rep),
+                    t.new_report(session, spec, k, expansion), "dense", keep_model=True, model=model)
+            else:
+                report = t.apply(session, model, spec, options, k, expansion)
             seconds, measured = report.seconds, report.overall_sparsity()
         row = {
             "method": t.name,

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..io.block_store import BlockStore, default_state_dir
+from ..io.block_store import BlockStore
 from ..io.compressed import resolve_weight_format
-from ..io.model_dir import describe_layers, rebuild_layers
+from ..io.model_dir import describe_layers, rebuild_layers, save_config
 from ..layers import clear_router_memos
 from ..models import discover
 from ..models.costs import block_ffn_costs, sum_block_costs
@@ -32,10 +32,6 @@ from .session import Session
 # job(model, engine_options, report) -> report, filled by the blocks this run builds (the restored ones are
 # added after)
 Job = Callable[[nn.Module, dict, object], object]
-
-
-def _block_state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items() if name.startswith(prefix)}
 
 
 def _record_of(report, prefix: str) -> dict:
@@ -59,16 +55,11 @@ def _prepend_records(report, records: list[dict]) -> None:
         report.routers = {**routers, **report.routers}
 
 
-def open_store(out: str, fingerprint: dict, resume: str | None) -> BlockStore | None:
-    """The run's state directory: `--resume DIR`, else `OUT.partial` (rank 0 creates it; the others read)."""
-    path = Path(resume) if resume else default_state_dir(out)
-    store = None
-    if distributed.is_main():
-        store = BlockStore(path, fingerprint, resume=bool(resume))
+def open_store(path: str | Path, fingerprint: dict, resume: bool) -> BlockStore:
+    """A run's state directory, new or `resume`d: rank 0 checks or creates it, then the other ranks read it."""
+    store = BlockStore(path, fingerprint, resume=resume) if distributed.is_main() else None
     distributed.barrier()
-    if not distributed.is_main():
-        store = BlockStore(path, fingerprint, resume=True)
-    return store
+    return store if store is not None else BlockStore(path, fingerprint, resume=True)
 
 
 def build_streamed(session: Session, store: BlockStore, job: Job, report, weight_format: str,
@@ -93,7 +84,7 @@ def build_streamed(session: Session, store: BlockStore, job: Job, report, weight
         nonlocal encoding
         prefix = f"{layout.blocks_path}.{index}."
         if distributed.is_main():
-            state = _block_state(model, prefix)
+            state = {name: t.detach().cpu() for name, t in block.state_dict(prefix=prefix).items()}
             if encoding is None:
                 encoding = resolve_weight_format(state, weight_format)
                 store.state["encoding"] = encoding
@@ -136,13 +127,6 @@ def streamed_costs(session: Session, store: BlockStore) -> dict:
 def finish_streamed(session: Session, store: BlockStore | None, out: str, manifest: dict) -> None:
     """Write the parts outside the blocks, config, tokenizer and manifest; the state directory becomes `out`."""
     if distributed.is_main():
-        model = session.model
-        rest = _rest(session)
-
-        def save_config(directory: Path) -> None:
-            model.config.save_pretrained(directory)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(directory)
-
-        store.finish(out, rest, save_config, session.tokenizer, manifest, store.state["encoding"])
+        store.finish(out, _rest(session), lambda directory: save_config(session.model, directory), session.tokenizer,
+                     manifest, store.state["encoding"])
     distributed.barrier()
