@@ -92,9 +92,9 @@ def test_ranks_started_with_different_arguments_fail_with_one_line(llama_dir, co
         procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     for proc in procs:
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2
+        assert proc.returncode == 2, err[-3000:]
         lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and "different arguments" in lines[0] and "Traceback" not in err
+        assert len(lines) == 1 and "different arguments" in lines[0] and "Traceback" not in err, err[-3000:]
     assert not (tmp_path / "out.json").exists()
 
 
