@@ -19,6 +19,7 @@ import copy
 import time
 
 import torch
+
 from common import write_results
 
 
@@ -37,8 +38,13 @@ def main() -> None:
     from sparse_expansion.expansion import ExpansionConfig
     from sparse_expansion.models.loading import LoadedModel, default_model_dir
     from sparse_expansion.pruning import PruneOptions, SparsitySpec
-    from sparse_expansion.workflow import (RunSettings, expand_session_model, open_session, prune_session_model,
-                                           session_for)
+    from sparse_expansion.workflow import (
+        RunSettings,
+        expand_session_model,
+        open_session,
+        prune_session_model,
+        session_for,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("embedded", "llama-7b"), default="embedded")

@@ -181,7 +181,8 @@ def main() -> None:
                 block_files = sorted(out.glob("block-*.safetensors"))
                 row["output_block_bytes_in_memory"] = manifest["weights"]["dense_bytes"] // max(1, len(block_files))
                 rows.append(row)
-                print(f"{kind} {job}: peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB ({row['above_imports_bytes'] / 2**30:.2f} "
+                print(f"{kind} {job}: peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB "
+                      f"({row['above_imports_bytes'] / 2**30:.2f} "
                       f"above the imports), while walking the blocks {row['walk_peak_rss_bytes'] / 2**30:.2f} GiB; "
                       f"input model {row['input_model_bytes'] / 2**30:.2f} GiB, output in memory "
                       f"would be {row['output_in_memory_bytes'] / 2**30:.2f} GiB; {row['seconds']:.0f} s", flush=True)

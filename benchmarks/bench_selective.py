@@ -18,6 +18,7 @@ import copy
 import time
 
 import torch
+
 from common import write_results
 
 
@@ -48,8 +49,14 @@ def main() -> None:
     from sparse_expansion.expansion import ExpansionConfig
     from sparse_expansion.models import discover
     from sparse_expansion.pruning import PruneOptions, SparsitySpec
-    from sparse_expansion.workflow import (RunSettings, evaluate, expand_session_model, ffn_costs, open_session,
-                                           prune_session_model)
+    from sparse_expansion.workflow import (
+        RunSettings,
+        evaluate,
+        expand_session_model,
+        ffn_costs,
+        open_session,
+        prune_session_model,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.7)

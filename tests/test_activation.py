@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 
+from conftest import make_model
 from sparse_expansion.activation import cett, threshold_for_cett
 from sparse_expansion.cli import main
-
-from conftest import make_model
 
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-samples", "2", "--quiet"]
 
@@ -73,7 +72,6 @@ def test_applied_thresholds_are_what_is_counted(family):
     """The activation ratio the counter reports equals the non-zero fraction an independent hook sees at the
     input of every down projection (gated and non-gated MLPs, GPT-2's Conv1D included)."""
     from conftest import FAMILIES
-
     from sparse_expansion.activation.thresholds import collect_intermediate
     from sparse_expansion.models import discover
 
@@ -148,7 +146,7 @@ def test_thresholded_layer_equals_masking_then_dense_and_its_kernel_agrees(prune
 
 def test_saved_thresholds_reload_and_run_sparse(llama_dir, corpus_dir, tmp_path, capsys):
     from sparse_expansion.layers import ThresholdedLinear
-    from sparse_expansion.models import ffn_costs, discover, load_model
+    from sparse_expansion.models import discover, ffn_costs, load_model
 
     out = tmp_path / "thresholded"
     assert main(["activations", "--model", str(llama_dir), "--data", str(corpus_dir), "--ppl-increase", "0.05",
@@ -226,6 +224,7 @@ def test_expanded_models_use_each_tokens_expert():
     expand_model(model, discover(model), windows, SparsitySpec.create(sparsity=0.5), ExpansionConfig(experts=2),
                  progress=False)
     activations = collect_intermediate(model, discover(model), windows, progress=False)
-    assert all(w.dim() == 3 for w in activations.weights.values()) and set(activations.labels) == set(activations.inputs)
+    assert all(w.dim() == 3 for w in activations.weights.values())
+    assert set(activations.labels) == set(activations.inputs)
     counter, ratios = _counted_against_independent_hooks(model, activations, windows)
     assert 0.05 < counter.ratio() < 0.999

@@ -10,11 +10,10 @@ import pytest
 import scipy.stats
 import torch
 
+from conftest import FAMILIES, make_model
 from sparse_expansion.analysis import mapping_difficulty, top_fraction, wasserstein_to_gaussian
 from sparse_expansion.analysis.wasserstein import disjoint_pairs
 from sparse_expansion.cli import main
-
-from conftest import FAMILIES, make_model
 
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-samples", "2", "--quiet"]
 GRID = scipy.stats.norm.ppf((np.arange(400_000) + 0.5) / 400_000)  # a fine standard-normal quantile grid

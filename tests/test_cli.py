@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sparse_expansion
-
 from sparse_expansion.cli import main
 
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-samples", "3", "--quiet"]

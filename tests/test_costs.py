@@ -6,9 +6,9 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import make_model
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import make_model
 from sparse_expansion.expansion import ExpansionConfig, expand_model
 from sparse_expansion.models import discover, ffn_costs
 from sparse_expansion.pruning import SparsitySpec, get_method, prune_model

@@ -5,8 +5,8 @@ import random
 
 import pytest
 import torch
-from conftest import TEXT, VOCAB
 
+from conftest import TEXT, VOCAB
 from sparse_expansion import UsageError
 from sparse_expansion.data import BOS_MODES, Corpus, calibration_windows, evaluation_windows, load_corpus, resolve_bos
 from sparse_expansion.data import windows as windows_module

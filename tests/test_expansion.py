@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sparse_expansion
 from conftest import FAMILIES, make_model
 from sparse_expansion import UsageError
 from sparse_expansion.evaluation import perplexity
-import sparse_expansion
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model, fit_router
 from sparse_expansion.expansion import build as build_module
 from sparse_expansion.expansion.fitting import _kmeans_torch

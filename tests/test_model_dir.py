@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_model
 
 import sparse_expansion
+from conftest import make_model
 from sparse_expansion import UsageError
 from sparse_expansion.expansion import ExpansionConfig, expand_model
 from sparse_expansion.io.model_dir import MANIFEST_FILE, file_sha256

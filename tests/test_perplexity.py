@@ -5,12 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_model
-from test_data import make_bos_tokenizer
 from torch import nn
 
+from conftest import make_model
 from sparse_expansion.data import Corpus, evaluation_windows, load_corpus, resolve_bos
 from sparse_expansion.evaluation import perplexity
+from test_data import make_bos_tokenizer
 
 
 class Bigram(nn.Module):

@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from sparse_expansion import UsageError
-from sparse_expansion.pruning import PruneOptions, SparsitySpec, magnitude_prune, parse_nm, sparsegpt_prune
-from sparse_expansion.pruning import wanda_prune, wanda_scores
+from sparse_expansion.calibration.observers import Hessian, InputSquaredNorm
+from sparse_expansion.pruning import (
+    PruneOptions,
+    SparsitySpec,
+    magnitude_prune,
+    parse_nm,
+    sparsegpt_prune,
+    wanda_prune,
+    wanda_scores,
+)
 from sparse_expansion.pruning.masks import lowest_mask
 from sparse_expansion.pruning.quantization import ChannelQuantizer
-from sparse_expansion.calibration.observers import Hessian, InputSquaredNorm
 
 
 def correlated_inputs(tokens=2048, features=96, seed=0):

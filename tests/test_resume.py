@@ -118,7 +118,8 @@ def test_compare_killed_in_a_job_and_resumed_gives_the_uninterrupted_rows(three_
     state_dir = tmp_path / "resumed.json.partial"
     rows = json.loads((state_dir / "rows.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["dense"] and not out.exists()
-    assert json.loads((state_dir / "job-001" / "state.json").read_text())["blocks"][0]["file"] == "block-00000.safetensors"
+    state = json.loads((state_dir / "job-001" / "state.json").read_text())
+    assert state["blocks"][0]["file"] == "block-00000.safetensors"
 
     assert main([*common, "--json", str(out), "--resume", str(state_dir)]) == 0
     assert not state_dir.exists()

@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model
-from test_costs import counted_ffn_flops
 
 import sparse_expansion
+from conftest import make_model
 from sparse_expansion import UsageError
 from sparse_expansion.cli import main
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, SelectiveExpertLinear, expand_model, fit_router
@@ -22,6 +21,7 @@ from sparse_expansion.kernels import native
 from sparse_expansion.layers import ROUTERS_ATTR, SwitchCache, kind_of, linear_weight, set_linear_weight
 from sparse_expansion.models import discover, ffn_costs
 from sparse_expansion.pruning import SparsitySpec
+from test_costs import counted_ffn_flops
 
 EXPERTS = 3
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
 
+from conftest import make_model
 from sparse_expansion.inference import accelerate
 from sparse_expansion.layers.semi_structured import SemiStructuredLinear, is_two_four, semi_structured_supported
 from sparse_expansion.models import discover

@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import generate_from_both_formats, make_model
 
+from conftest import generate_from_both_formats, make_model
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model
-from sparse_expansion.inference import accelerate
-from sparse_expansion.inference import force_sparse
+from sparse_expansion.inference import accelerate, force_sparse
 from sparse_expansion.kernels import native
 from sparse_expansion.layers.sparse_linear import CSRWeight, SparseLinear, SwitchCache, apply_switch
 from sparse_expansion.models import discover

@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
+import sparse_expansion
 from conftest import make_model
 from sparse_expansion import UsageError, load
 from sparse_expansion.cli import build_parser, main
 from sparse_expansion.evaluation import zero_shot
-import sparse_expansion
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model
 from sparse_expansion.models import discover
 from sparse_expansion.pruning import SparsitySpec

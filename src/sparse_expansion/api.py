@@ -21,8 +21,8 @@ from .expansion import ExpansionConfig, ExpansionReport
 from .io.model_dir import save_model_dir
 from .models.loading import LoadedModel
 from .pruning import PruneOptions, PruneReport, SparsitySpec
-from .workflow import RunSettings, Session, evaluate as _evaluate, expand_session_model, prune_session_model
-from .workflow import session_for
+from .workflow import RunSettings, Session, expand_session_model, prune_session_model, session_for
+from .workflow import evaluate as _evaluate
 
 
 def _session(model, tokenizer, calibration, **settings) -> Session:

@@ -649,8 +649,8 @@ def cmd_neurons(args) -> int:
 
 def cmd_activations(args) -> int:
     from . import workflow
-    from .io import atomic_write_text, check_output_path
     from .activation.thresholds import check_ppl_increase
+    from .io import atomic_write_text, check_output_path
     from .workflow.activations import run_activations
 
     check_ppl_increase(args.ppl_increase)  # before the model loads
@@ -735,8 +735,8 @@ def cmd_compare(args) -> int:
             check_output_path(path, overwrite=True)
     state = None
     if args.resume or args.json:
-        from .workflow.compare import CompareState
         from .io.block_store import default_state_dir
+        from .workflow.compare import CompareState
 
         state = CompareState(args.resume or default_state_dir(args.json), _fingerprint(args), bool(args.resume))
     try:

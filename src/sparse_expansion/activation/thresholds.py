@@ -5,8 +5,8 @@ perplexity rises by p% over dense (PPL-p% sparsity)."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn

@@ -11,7 +11,7 @@ state: gate and up, or fc1; the FFN output linear has no activation after it).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

@@ -9,8 +9,8 @@ holds one block's inputs and one layer's outputs at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

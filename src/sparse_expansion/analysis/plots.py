@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-
 _GAUSS_X = np.linspace(-5, 5, 401)
 _GAUSS_Y = np.exp(-0.5 * _GAUSS_X ** 2) / math.sqrt(2 * math.pi)
 

@@ -1,8 +1,16 @@
 """Block-by-block calibration: capture every block's arguments, then walk the blocks through observe ->
 reduce -> modify -> propagate; statistics with update and merge."""
 
-from .engine import (BlockBatch, SequentialCalibration, Step, Watch, block_outputs, identity_reduce,
-                     reduce_across_ranks, watching)
+from .engine import (
+                     BlockBatch,
+                     SequentialCalibration,
+                     Step,
+                     Watch,
+                     block_outputs,
+                     identity_reduce,
+                     reduce_across_ranks,
+                     watching,
+)
 from .observers import Hessian, InputSquaredNorm, TokenRecorder
 
 __all__ = ["BlockBatch", "Hessian", "InputSquaredNorm", "SequentialCalibration", "Step", "TokenRecorder", "Watch",

@@ -29,9 +29,9 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -271,7 +271,8 @@ class SequentialCalibration:
             args, kwargs = batch.calls[index]
             out = block(batch.hidden.to(self.device), *_to(args, self.device, memo), **_to(kwargs, self.device, memo))
             if keep_outputs:
-                outputs.append(BlockBatch(self._keep(_hidden_output(out), f"block-{index}-{len(outputs)}"), batch.calls))
+                kept = self._keep(_hidden_output(out), f"block-{index}-{len(outputs)}")
+                outputs.append(BlockBatch(kept, batch.calls))
         return outputs
 
     def _keep(self, hidden: torch.Tensor, name: str) -> torch.Tensor | OnDisk:

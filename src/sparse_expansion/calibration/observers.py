@@ -19,7 +19,7 @@ class _RunningMean:
     FIELD = ""
     tokens: int | list[int]
 
-    def merge(self, other: "_RunningMean") -> "_RunningMean":
+    def merge(self, other: _RunningMean) -> _RunningMean:
         mine, theirs = getattr(self, self.FIELD), getattr(other, self.FIELD)
         total = self.tokens + other.tokens
         if total:
@@ -36,7 +36,7 @@ class _RunningMean:
         engine feeds watched statistics this way under torch.distributed)."""
         self.__dict__.setdefault("pending", []).append(inputs.detach())
 
-    def all_reduce(self) -> "_RunningMean":
+    def all_reduce(self) -> _RunningMean:
         """The statistic of every rank's batches, on every rank (identity in one process).
 
         The ranks' batches are applied in rank order, which is the order one process sees them in (each rank
@@ -58,7 +58,7 @@ class _RunningMean:
         return self
 
     @classmethod
-    def combine(cls, statistics: list) -> "_RunningMean":
+    def combine(cls, statistics: list) -> _RunningMean:
         """One statistic of all the tokens the given ones saw: their token-weighted mean (several at once;
         `merge` is the same for two)."""
         total = sum(s.tokens for s in statistics)
@@ -69,7 +69,7 @@ class _RunningMean:
         return combined
 
     @classmethod
-    def stack(cls, statistics: list) -> "_RunningMean":
+    def stack(cls, statistics: list) -> _RunningMean:
         """Several statistics as one batched statistic (one leading index each), e.g. one per expert."""
         stacked = cls.__new__(cls)
         setattr(stacked, cls.FIELD, torch.stack([getattr(s, cls.FIELD) for s in statistics]))
@@ -132,11 +132,11 @@ class TokenRecorder:
     def update(self, tensor: torch.Tensor) -> None:
         self.batches.append(tensor.detach().reshape(-1, tensor.shape[-1]))
 
-    def merge(self, other: "TokenRecorder") -> "TokenRecorder":
+    def merge(self, other: TokenRecorder) -> TokenRecorder:
         self.batches.extend(other.batches)
         return self
 
-    def all_reduce(self) -> "TokenRecorder":
+    def all_reduce(self) -> TokenRecorder:
         """Every rank's tokens, in rank order (the order of one process walking all the batches)."""
         self.batches = distributed.gather_tensors(self.batches)
         return self

@@ -124,7 +124,8 @@ def _load_hub_dataset(name: str, *args, **kwargs):
     try:
         import datasets
     except ImportError:
-        raise UsageError(f"--data {name} needs the `datasets` package: pip install 'sparse-expansion[hub-data]'") from None
+        raise UsageError(f"--data {name} needs the `datasets` package: "
+                         "pip install 'sparse-expansion[hub-data]'") from None
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # datasets raises many types for network failures

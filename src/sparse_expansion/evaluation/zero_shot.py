@@ -16,8 +16,8 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..errors import UsageError
 

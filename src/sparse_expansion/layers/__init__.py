@@ -1,10 +1,18 @@
 """Layer kinds and the protocol they share (protocol.py). Importing this package registers every kind."""
 
-from . import (expert_linear, linear, router, selective_linear, semi_structured,  # noqa: F401  (registration)
-               sparse_linear, thresholded_linear)
+from . import expert_linear, linear, router, selective_linear, semi_structured, sparse_linear, thresholded_linear  # noqa: F401  (registration)
 from .expert_linear import ROUTERS_ATTR, ExpertLinear, clear_router_memos
-from .protocol import (AccelerateContext, LayerKind, is_linear, kind_named, kind_of, kinds, linear_weight, register,
-                       set_linear_weight)
+from .protocol import (
+               AccelerateContext,
+               LayerKind,
+               is_linear,
+               kind_named,
+               kind_of,
+               kinds,
+               linear_weight,
+               register,
+               set_linear_weight,
+)
 from .router import Router
 from .selective_linear import SelectiveExpertLinear
 from .sparse_linear import CSRWeight, SparseLinear

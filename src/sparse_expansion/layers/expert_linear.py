@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-
 from .linear import nonzero_flops
 from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
 from .router import Router

@@ -13,8 +13,8 @@ types, so a new layer kind is one new module that registers its `LayerKind`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -10,8 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .expert_linear import (RoutedExperts, csr_copies, matrix_bytes_at_one_token, mean_expert_bytes, mean_nonzero_flops,
-                            routed_products)
+from .expert_linear import (
+    RoutedExperts,
+    csr_copies,
+    matrix_bytes_at_one_token,
+    mean_expert_bytes,
+    mean_nonzero_flops,
+    routed_products,
+)
 from .linear import nonzero_flops
 from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
 from .router import Router

@@ -9,8 +9,8 @@ and for n tokens a layer takes the decision measured at the smallest size >= n. 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

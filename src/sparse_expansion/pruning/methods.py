@@ -8,16 +8,16 @@ Expansion prunes the k experts of a layer this way, each with its own cluster's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from ..calibration.observers import Hessian, InputSquaredNorm
 from ..errors import UsageError
 from .masks import lowest_mask
 from .sparsegpt import hessian_factors, sparsegpt_prune
 from .spec import SparsitySpec
-from ..calibration.observers import Hessian, InputSquaredNorm
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ class ChannelQuantizer:
         self.scale: torch.Tensor | None = None
         self.zero: torch.Tensor | None = None
 
-    def fit(self, weight: torch.Tensor) -> "ChannelQuantizer":
+    def fit(self, weight: torch.Tensor) -> ChannelQuantizer:
         w = weight.float()
         low = torch.clamp(w.min(dim=1).values, max=0)
         high = torch.clamp(w.max(dim=1).values, min=0)

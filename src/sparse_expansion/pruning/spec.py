@@ -29,7 +29,7 @@ class SparsitySpec:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:g}"
 
     @classmethod
-    def create(cls, sparsity: float | None = None, nm: str | None = None) -> "SparsitySpec":
+    def create(cls, sparsity: float | None = None, nm: str | None = None) -> SparsitySpec:
         if nm:
             n, m = parse_nm(nm)
             return cls(sparsity=n / m, n=n, m=m)

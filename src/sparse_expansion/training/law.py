@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..activation.thresholds import (collect_intermediate, layer_thresholds, neuron_thresholds, search_cett,
-                                     thresholded)
+from ..activation.thresholds import collect_intermediate, layer_thresholds, neuron_thresholds, search_cett, thresholded
 from ..evaluation import perplexity
 from ..models import discover
 from .trainer import TrainConfig, checkpoints, load_weights

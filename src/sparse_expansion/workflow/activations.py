@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from ..activation.thresholds import (check_ppl_increase, collect_intermediate, global_threshold_rule,
-                                     install_thresholds, layer_thresholds, masked, neuron_thresholds, nonzero_rule,
-                                     search_cett, thresholded, top_k_rule)
+from ..activation.thresholds import (
+    check_ppl_increase,
+    collect_intermediate,
+    global_threshold_rule,
+    install_thresholds,
+    layer_thresholds,
+    masked,
+    neuron_thresholds,
+    nonzero_rule,
+    search_cett,
+    thresholded,
+    top_k_rule,
+)
 from ..errors import UsageError
 from .jobs import evaluate
 from .session import Session
-
 
 CETT_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.5)
 RATIO_SWEEP = (0.7, 0.5, 0.3, 0.2, 0.1)  # top-k (k = ratio x d_f per layer) and FAT-epsilon (global quantiles)
@@ -42,7 +51,8 @@ def run_activations(session: Session, increase: float = 0.01, max_tokens: int = 
     curves = sweep_baselines(session, activations) if baselines else None
     if install:
         install_thresholds(session.model, neuron_thresholds(activations, thresholds), ratios)
-    return {"curves": curves,"model": session.loaded.source, "settings": session.settings.describe(), "data": session.data_summary(),
+    return {"curves": curves, "model": session.loaded.source, "settings": session.settings.describe(),
+            "data": session.data_summary(),
             "ppl_increase": increase, "dense_ppl": dense["ppl"], "sparse_ppl": ppl, "ppl_ratio": ppl / dense["ppl"],
             "activation_ratio": best.activation_ratio, "sparsity": 1 - best.activation_ratio, "cett": best.cett,
             "eval_tokens": dense["eval_tokens"], "threshold_tokens_per_layer": max_tokens,

@@ -12,9 +12,9 @@ import copy
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .. import distributed
 from ..errors import UsageError

@@ -70,9 +70,9 @@ def run_law(out: str, base: TrainConfig, activations: list[str], width_depth: li
 
     device = resolve_device(device)
     configs = {f"{a}-h{base.hidden}-l{base.layers}": replace(base, activation=a) for a in activations}
-    sweep = {f"relu-h{h}-l{l}-sweep": replace(base, activation="relu", hidden=h, layers=l, heads=max(1, h // 32),
+    sweep = {f"relu-h{h}-l{n}-sweep": replace(base, activation="relu", hidden=h, layers=n, heads=max(1, h // 32),
                                                 steps=sweep_steps, checkpoint_every=sweep_steps)
-             for h, l in width_depth}
+             for h, n in width_depth}
     for config in (*configs.values(), *sweep.values()):
         config.validate()
     root = Path(out)

@@ -13,8 +13,8 @@ Under torch.distributed every rank computes, rank 0 writes, and every rank resto
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
