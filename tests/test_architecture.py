@@ -1,56 +1,53 @@
 """The import structure: no module imports, directly or through others, a module that imports it back.
-(`lint-imports` in `make test` checks the layers; this checks every module against every other.)"""
+(`lint-imports` in `make test` checks the layers and cycles between siblings; this checks every module against
+every other, with networkx's strongly connected components over grimp's import graph.)"""
 
 from __future__ import annotations
 
+import sys
+import textwrap
+
 import grimp
+import networkx as nx
 
 
-def _strongly_connected(graph: grimp.ImportGraph, modules: set[str]) -> list[set[str]]:
-    """Tarjan's algorithm over the package's own modules."""
-    index, low, on_stack, stack, found, counter = {}, {}, set(), [], [], [0]
-
-    def visit(module: str) -> None:
-        index[module] = low[module] = counter[0]
-        counter[0] += 1
-        stack.append(module)
-        on_stack.add(module)
-        for imported in graph.find_modules_directly_imported_by(module) & modules:
-            if imported not in index:
-                visit(imported)
-                low[module] = min(low[module], low[imported])
-            elif imported in on_stack:
-                low[module] = min(low[module], index[imported])
-        if low[module] == index[module]:
-            component = set()
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                component.add(member)
-                if member == module:
-                    break
-            found.append(component)
-
-    for module in sorted(modules):
-        if module not in index:
-            visit(module)
-    return found
+def import_cycles(package: str, cache_dir: str | None = None) -> list[list[str]]:
+    """Each set of the package's modules that import one another in a loop, sorted; [] when there is none."""
+    graph = grimp.build_graph(package, cache_dir=cache_dir)
+    modules = graph.find_descendants(package) | {package}
+    imports = nx.DiGraph()
+    imports.add_nodes_from(modules)
+    imports.add_edges_from((module, imported) for module in modules
+                           for imported in graph.find_modules_directly_imported_by(module) & modules)
+    cycles = [sorted(c) for c in nx.strongly_connected_components(imports) if len(c) > 1]
+    cycles += [[m] for m in nx.nodes_with_selfloops(imports)]
+    return sorted(cycles)
 
 
 def test_no_module_imports_itself_back():
     graph = grimp.build_graph("sparse_expansion")
-    modules = graph.find_descendants("sparse_expansion") | {"sparse_expansion"}
-    assert len(modules) > 40
-    cycles = [sorted(c) for c in _strongly_connected(graph, modules) if len(c) > 1]
+    assert len(graph.find_descendants("sparse_expansion")) > 40  # the whole package, not an empty graph
+    cycles = import_cycles("sparse_expansion")
     assert not cycles, f"import cycles: {cycles}"
 
 
-def test_the_cycle_finder_finds_a_cycle():
-    class Graph:
-        edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
-
-        def find_modules_directly_imported_by(self, module):
-            return self.edges[module]
-
-    components = _strongly_connected(Graph(), {"a", "b", "c", "d"})
-    assert sorted(map(sorted, components)) == [["a", "b", "c"], ["d"]]
+def test_a_cycle_through_several_modules_is_found(tmp_path, monkeypatch):
+    """A real package on disk: a -> b -> c.d -> a loops (c.d only through a function-level import), e imports
+    a without being imported back."""
+    root = tmp_path / "cyclic_pkg"
+    (root / "c").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "a.py": "from cyclic_pkg import b\n",
+        "b.py": "import cyclic_pkg.c.d\n",
+        "c/__init__.py": "",
+        "c/d.py": "def late():\n    from cyclic_pkg.a import b\n    return b\n",
+        "e.py": "from cyclic_pkg.a import b\n",
+    }
+    for name, text in files.items():
+        (root / name).write_text(textwrap.dedent(text))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cyclic_pkg", raising=False)
+    assert import_cycles("cyclic_pkg", cache_dir=None) == [["cyclic_pkg.a", "cyclic_pkg.b", "cyclic_pkg.c.d"]]
+    (root / "c" / "d.py").write_text("def late():\n    return None\n")
+    assert import_cycles("cyclic_pkg", cache_dir=None) == []

@@ -10,16 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sparse_expansion
+from conftest import run_cli, small_args
 from sparse_expansion.cli import main
 
-SMALL = ["--calib-samples", "4", "--seqlen", "32", "--eval-samples", "3", "--quiet"]
-
-
-def run_cli(args, capsys):
-    capsys.readouterr()  # drop what fixtures printed
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+# Three evaluation windows: a count the checks below tell apart from the calibration windows.
+SMALL = small_args(eval_samples=3)
 
 
 def test_prune_writes_a_loadable_directory_with_a_manifest(llama_dir, corpus_dir, tmp_path, capsys):
@@ -79,6 +74,7 @@ def test_compare_writes_json_and_markdown(llama_dir, corpus_dir, tmp_path, capsy
     assert "| wanda |" in (tmp_path / "cmp.md").read_text()
 
 
+@pytest.mark.slow  # a Python process of its own
 def test_console_script_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sparse_expansion.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "compare" in result.stdout
@@ -192,12 +188,22 @@ def test_expand_eval_generate_and_compare(llama_dir, corpus_dir, tmp_path, capsy
                                  "--pca-reduction", "8", "--json", str(report), *SMALL], capsys)
     assert code == 0, err
     rows = json.loads(report.read_text())["results"]
+    dense = AutoModelForCausalLM.from_pretrained(llama_dir)
     assert [(r["method"], r["sparsity"], r["experts"]) for r in rows] == [
         ("sparsegpt", 0.5, None), ("sparsegpt", 0.7, None),
         ("sparse-expansion", 0.5, 1), ("sparse-expansion", 0.5, 2),
         ("sparse-expansion", 0.7, 1), ("sparse-expansion", 0.7, 2)]
-    for row in rows:
-        assert row["ffn_flops_per_token"] > 0 and row["stored_bytes"] > 0
+    # SparseGPT keeps (1 - sparsity) of the 2 blocks x 3 FFN linears of 64 x 128 weights: 2 FLOPs per weight kept.
+    for row in rows[:2]:
+        assert row["ffn_flops_per_token"] == pytest.approx((1 - row["sparsity"]) * 2 * 3 * 2 * 64 * 128, rel=0.01)
+    for lower, higher in ((rows[2], rows[4]), (rows[3], rows[5])):  # 0.5 against 0.7
+        assert higher["ffn_flops_per_token"] < lower["ffn_flops_per_token"]
+    # Stored bytes: a pruned model keeps its dense tensors in memory; a second expert adds one more copy of every
+    # FFN weight (2 x 3 x 64 x 128 floats) and a little router.
+    tensors = {t.data_ptr(): t for t in [*dense.parameters(), *dense.buffers()]}.values()
+    assert rows[0]["stored_bytes"] == rows[1]["stored_bytes"] == sum(t.numel() * t.element_size() for t in tensors)
+    for one, two in ((rows[2], rows[3]), (rows[4], rows[5])):
+        assert two["stored_bytes"] - one["stored_bytes"] == pytest.approx(2 * 3 * 64 * 128 * 4, rel=0.01)
     # One expert is SparseGPT: the same perplexity.
     assert rows[2]["ppl"] == pytest.approx(rows[0]["ppl"], rel=1e-4)
 
@@ -226,16 +232,74 @@ def test_loading_a_corrupted_expanded_model_fails_cleanly(llama_dir, corpus_dir,
     _assert_clean_failure(code, err, None, "model path not found")
 
 
+def _own_ms(fn, *args) -> float:
+    """Median milliseconds per call by torch.utils.benchmark, on as many threads as the bench runs."""
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn(*args)", globals={"fn": fn, "args": args}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=0.2).median * 1e3
+
+
+def _same_magnitude(reported: float, measured: float) -> bool:
+    return 0.1 < reported / measured < 10
+
+
+@pytest.mark.slow  # timed: seconds per candidate product, by design
 def test_kernel_bench_reports_a_speedup(tmp_path, capsys):
+    import scipy.sparse
+
     out = tmp_path / "kernel.json"
     code, stdout, err = run_cli(["bench", "--kernel", "--rows", "64", "--cols", "128", "--sparsity", "0.9",
                                  "--batch", "4", "--json", str(out)], capsys)
     assert code == 0, err
     result = json.loads(out.read_text())
-    assert result["speedup"] == result["single"]["speedup"] > 0
     assert result["nnz"] == pytest.approx(64 * 128 * 0.1, rel=0.3)
+    assert result["kernel_available"]
+    # The read bandwidth in GB/s: within an order of magnitude of a sum over 256 MiB timed here.
+    buffer = torch.ones(64 * 2 ** 20)
+    assert _same_magnitude(result["bandwidth_gbs"], buffer.numel() * 4 / _own_ms(buffer.sum) / 1e6)
+    del buffer
+    # Each speedup is the ratio of the two times the bench reports next to it.
+    assert result["speedup"] == result["single"]["speedup"]
+    assert result["kernel_speedup"] == result["single"]["kernel_speedup"]
+    for label, tokens in (("single", 1), ("batched", 4)):
+        timings = result[label]
+        assert timings["speedup"] == pytest.approx(timings["dense_layer_ms"] / timings["layer_ms"], rel=1e-9)
+        for name in ("kernel", "scipy_csr", "torch_csr"):
+            assert timings[f"{name}_speedup"] == pytest.approx(timings["dense_ms"] / timings[f"{name}_ms"], rel=1e-9)
+        # Bytes a product moves: the float32 weight, input and output; the CSR form less at 90% sparsity.
+        assert timings["dense_bytes"] == 4 * (64 * 128 + tokens * (64 + 128))
+        assert timings["csr_bytes"] < timings["dense_bytes"]
+        # The times are milliseconds per product: within an order of magnitude of this test's own timing of the
+        # dense and the scipy CSR product on the same shapes (what a unit or per-call slip would miss by 1000).
+        weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(2))
+        assert _same_magnitude(timings["dense_ms"], _own_ms(torch.nn.functional.linear, x, weight)), timings
+        csr = scipy.sparse.random(64, 128, density=0.1, format="csr", dtype="float32", random_state=0)
+        xn = x.t().contiguous().numpy()
+        assert _same_magnitude(timings["scipy_csr_ms"], _own_ms(csr.dot, xn)), timings
     code, _, err = run_cli(["bench"], capsys)
     _assert_clean_failure(code, err, None, "exactly one of --kernel or --model")
+
+
+def _own_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, repeats: int = 5) -> tuple[float, float]:
+    """Prefill (one pass over the prompt, no cache) and greedy cached decode speed, timed here: median of runs."""
+    import statistics
+    import time
+
+    prefill, decode = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model(input_ids=ids, use_cache=False)
+            prefill.append(time.perf_counter() - start)
+            out = model(input_ids=ids, use_cache=True)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values,
+                            use_cache=True)
+            decode.append(time.perf_counter() - start)
+    return ids.shape[1] / statistics.median(prefill), new_tokens / statistics.median(decode)
 
 
 def test_model_bench_against_a_baseline(llama_dir, corpus_dir, tmp_path, capsys):
@@ -244,12 +308,23 @@ def test_model_bench_against_a_baseline(llama_dir, corpus_dir, tmp_path, capsys)
                     "--pca-reduction", "8", "--sparsity", "0.5", "--out", str(expanded), *SMALL], capsys)[0] == 0
     out = tmp_path / "bench.json"
     code, stdout, err = run_cli(["bench", "--model", str(expanded), "--baseline", str(llama_dir), "--prompt-tokens",
-                                 "16", "--new-tokens", "4", "--repeats", "1", "--json", str(out)], capsys)
+                                 "32", "--new-tokens", "32", "--repeats", "3", "--json", str(out)], capsys)
     assert code == 0, err
     result = json.loads(out.read_text())
-    assert result["decode_speedup"] > 0 and result["prefill_speedup"] > 0
+    for kind in ("prefill", "decode"):
+        assert result[f"{kind}_speedup"] == pytest.approx(
+            result["model"][f"{kind}_tokens_per_s"] / result["baseline"][f"{kind}_tokens_per_s"], rel=1e-9)
+    # Tokens per second, within an order of magnitude of this test's own timing of the same models (a figure
+    # per pass or per run instead of per token would be 32 times off).
+    ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(5))
+    for kind, model in (("baseline", AutoModelForCausalLM.from_pretrained(llama_dir).eval()),
+                        ("model", sparse_expansion.load(str(expanded)).model)):
+        prefill, decode = _own_tokens_per_s(model, ids, 32)
+        assert _same_magnitude(result[kind]["prefill_tokens_per_s"], prefill), (kind, result[kind], prefill)
+        assert _same_magnitude(result[kind]["decode_tokens_per_s"], decode), (kind, result[kind], decode)
     assert result["model"]["ffn_flops_per_token"] < result["baseline"]["ffn_flops_per_token"]
-    assert result["model"]["disk_bytes"] > 0 and result["baseline"]["disk_bytes"] > 0
+    for kind, path in (("model", expanded), ("baseline", llama_dir)):
+        assert result[kind]["disk_bytes"] == sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
 def test_generate_with_an_empty_prompt_fails_cleanly(llama_dir, capsys):

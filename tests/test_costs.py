@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import make_model
+from conftest import make_model, random_windows
+from sparse_expansion.calibration import BlockHooks
 from sparse_expansion.expansion import ExpansionConfig, expand_model
 from sparse_expansion.models import discover, ffn_costs
 from sparse_expansion.pruning import SparsitySpec, get_method, prune_model
@@ -28,18 +29,15 @@ def counted_ffn_flops(model, token: int = 7) -> int:
     return sum(sum(counts[name].values()) for name in names)
 
 
-def _windows(n=6, length=24, seed=0):
-    return torch.randint(0, 300, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox", "gpt2"])
 @pytest.mark.parametrize("variant", ["dense", "pruned", "expanded"])
 def test_reported_ffn_flops_equal_flop_counter(family, variant):
     model = make_model(family)
     if variant == "pruned":  # 0% sparsity: every weight stays, the counter's dense product is the truth
-        prune_model(model, discover(model), _windows(), get_method("sparsegpt"), SparsitySpec(0.0), progress=False)
+        prune_model(model, discover(model), random_windows(), get_method("sparsegpt"), SparsitySpec(0.0),
+                    progress=False)
     elif variant == "expanded":
-        expand_model(model, discover(model), _windows(), SparsitySpec(0.0),
+        expand_model(model, discover(model), random_windows(), SparsitySpec(0.0),
                      ExpansionConfig(experts=4, pca_reduction=8), progress=False)
     costs = ffn_costs(model, discover(model))
     assert costs["ffn_flops_per_token"] == counted_ffn_flops(model)
@@ -51,7 +49,7 @@ def test_reported_ffn_flops_equal_flop_counter(family, variant):
 
 def test_pruned_flops_count_the_non_zero_weights():
     model = make_model("llama")
-    prune_model(model, discover(model), _windows(), get_method("magnitude"), SparsitySpec(0.75), progress=False)
+    prune_model(model, discover(model), random_windows(), get_method("magnitude"), SparsitySpec(0.75), progress=False)
     costs = ffn_costs(model, discover(model))
     assert costs["ffn_flops_per_token"] == pytest.approx(costs["ffn_dense_flops_per_token"] / 4)
 
@@ -66,10 +64,10 @@ def test_router_cost_on_the_embedded_model():
     loaded = sparse_expansion.load()
     model = loaded.model
     layout = discover(model)
-    windows = _windows(8, 64)
+    windows = random_windows(8, 64)
     dense_flops = counted_ffn_flops(model)
     expand_model(model, layout, windows, SparsitySpec(0.0), ExpansionConfig(experts=8), progress=False,
-                 engine_options={"stop_after": 0})  # block 0 only
+                 hooks=BlockHooks(stop_after=0))  # block 0 only
     config = model.config
     expected = 2 * 8 * (config.hidden_size + config.intermediate_size)
     routers = ffn_costs(model, layout)["router_flops_per_token"]

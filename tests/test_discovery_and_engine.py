@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import FAMILIES, make_model
 from sparse_expansion import UsageError
-from sparse_expansion.calibration import SequentialCalibration, Step, Watch, block_outputs
+from sparse_expansion.calibration import BlockHooks, SequentialCalibration, Step, Watch, block_outputs
 from sparse_expansion.models import discover, linear_weight
 from sparse_expansion.pruning import METHODS, SparsitySpec, prune_model
 
@@ -106,11 +106,13 @@ def test_stages_run_in_order_and_observe_only_takes_one_pass():
         events.append(("reduce",))
         return statistics
 
-    engine = SequentialCalibration(model, layout, batch_size=2, progress=False)
-    engine.run(windows, Probe(True), reduce=reduce, after_block=lambda i, b, h, s: events.append(("after", i)))
+    hooks = BlockHooks(after_block=lambda i, b, h, s: events.append(("after", i)))
+    engine = SequentialCalibration(model, layout, batch_size=2, progress=False, hooks=hooks)
+    engine.run(windows, Probe(True), reduce=reduce)
     assert events[:4] == [("observe", 0), ("reduce",), ("modify", 0, 2, 2), ("after", 0)]
     events.clear()
-    engine.run(windows, Probe(False), stop_after=0)
+    engine.hooks = BlockHooks(stop_after=0)
+    engine.run(windows, Probe(False))
     assert events == [("observe", 0), ("modify", 0, 2, 2)]  # statistics from the propagation pass itself
 
 

@@ -12,8 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import small_args
+
+# Every test starts Python processes (torchrun and its ranks, a model each): `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 JOB = Path(__file__).with_name("distributed_job.py")
-SMALL = ["--calib-samples", "10", "--seqlen", "32", "--eval-samples", "7", "--batch-size", "2", "--quiet"]
+# The sizes distributed_job.py runs at: 10 calibration and 7 evaluation windows, shared out in batches of two.
+SMALL = small_args(calib_samples=10, eval_samples=7, batch_size=2)
 
 
 def _env():

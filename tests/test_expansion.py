@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_expansion
-from conftest import FAMILIES, make_model
+from conftest import FAMILIES, make_model, random_windows
 from sparse_expansion import UsageError
 from sparse_expansion.evaluation import perplexity
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model, fit_router
@@ -121,12 +121,12 @@ def test_kmeans_with_fewer_distinct_tokens_than_clusters():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("kmeans_iterations", 0, "--kmeans-iterations must be at least 1"),
-    ("kmeans_init", "farthest", "unknown --kmeans-init .farthest."),
+    ("kmeans_iterations", 0, "kmeans_iterations must be at least 1"),
+    ("kmeans_init", "farthest", "kmeans_init must be one of k-means.., random, got 'farthest'"),
 ])
 def test_router_settings_are_validated(field, value, message):
     with pytest.raises(UsageError, match=message):
-        ExpansionConfig(**{field: value}).validate()
+        ExpansionConfig(**{field: value})
 
 
 def test_expert_linear_routes_each_token_to_one_expert():
@@ -144,12 +144,8 @@ def test_expert_linear_routes_each_token_to_one_expert():
     assert torch.allclose(layer(single).flatten(), F.linear(single.flatten(), weight[router.assign(single)[0]], bias))
 
 
-def small_windows(n=6, length=24, seed=0):
-    return torch.randint(0, 300, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
 def test_one_expert_reproduces_sparsegpt():
-    windows = small_windows()
+    windows = random_windows()
     reference = make_model("llama")
     prune_model(reference, discover(reference), windows, METHODS["sparsegpt"], SparsitySpec(0.6), progress=False)
     expanded = make_model("llama")
@@ -162,7 +158,7 @@ def test_one_expert_reproduces_sparsegpt():
             assert isinstance(exp, ExpertLinear)
             assert torch.equal(ref == 0, exp.weight[0] == 0), name
             assert torch.equal(ref, exp.weight[0]), name
-    test = small_windows(4, 24, seed=9)
+    test = random_windows(4, 24, seed=9)
     a = perplexity(reference, test, progress=False).ppl
     b = perplexity(expanded, test, progress=False).ppl
     assert abs(a - b) / a < 1e-4
@@ -172,7 +168,7 @@ def test_one_expert_reproduces_sparsegpt():
 def test_every_expert_has_the_requested_sparsity(spec):
     model = make_model("qwen2")
     layout = discover(model)
-    report = expand_model(model, layout, small_windows(8, 32), spec, ExpansionConfig(experts=3, pca_reduction=8,
+    report = expand_model(model, layout, random_windows(8, 32), spec, ExpansionConfig(experts=3, pca_reduction=8,
                                                                                   min_cluster_tokens=1),
                           progress=False)
     assert len(report.layers) == 2 * 3
@@ -201,7 +197,7 @@ def test_an_empty_cluster_falls_back_to_the_layer_hessian(monkeypatch):
     monkeypatch.setattr(build_module, "fit_router", fit_with_a_far_centroid)
     model = make_model("llama")
     layout = discover(model)
-    report = expand_model(model, layout, small_windows(), SparsitySpec(0.5),
+    report = expand_model(model, layout, random_windows(), SparsitySpec(0.5),
                           ExpansionConfig(experts=3, min_cluster_tokens=1), progress=False)
     for info in report.routers.values():
         assert info["tokens_per_expert"][-1] == 0
@@ -216,7 +212,7 @@ def test_an_empty_cluster_falls_back_to_the_layer_hessian(monkeypatch):
 def test_every_family_can_be_expanded(family):
     model = make_model(family)
     layout = discover(model)
-    windows = small_windows(6, 24)
+    windows = random_windows(6, 24)
     with torch.no_grad():
         dense_logits = model(input_ids=windows).logits
     expand_model(model, layout, windows, SparsitySpec(0.5), ExpansionConfig(experts=2, pca_reduction=8),
@@ -233,7 +229,7 @@ def test_every_family_can_be_expanded(family):
 @pytest.fixture(scope="module")
 def expanded_llama(tokenizer):
     model = make_model("llama")
-    report = expand_model(model, discover(model), small_windows(), SparsitySpec(0.5),
+    report = expand_model(model, discover(model), random_windows(), SparsitySpec(0.5),
                           ExpansionConfig(experts=4, pca_reduction=8), progress=False)
     return model, report
 
@@ -245,7 +241,7 @@ def test_save_and_load_give_identical_logits(expanded_llama, tokenizer, tmp_path
     expected_file = "model.safetensors" if weight_format == "dense" else "model.compressed.safetensors"
     assert (tmp_path / "se" / expected_file).is_file()
     loaded = sparse_expansion.load(tmp_path / "se").model
-    x = small_windows(2, 20, seed=5)
+    x = random_windows(2, 20, seed=5)
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
     assert not list(tmp_path.glob(".se.*"))
@@ -253,7 +249,7 @@ def test_save_and_load_give_identical_logits(expanded_llama, tokenizer, tmp_path
 
 def test_generate_runs_with_the_kv_cache(expanded_llama):
     model, _ = expanded_llama
-    prompt = small_windows(1, 8, seed=2)
+    prompt = random_windows(1, 8, seed=2)
     with torch.no_grad():
         cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
         uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
@@ -265,12 +261,12 @@ def test_build_bad_input():
     model = make_model("llama")
     layout = discover(model)
     with pytest.raises(UsageError, match="at least 1"):
-        expand_model(model, layout, small_windows(), SparsitySpec(0.5), ExpansionConfig(experts=0), progress=False)
+        expand_model(model, layout, random_windows(), SparsitySpec(0.5), ExpansionConfig(experts=0), progress=False)
     with pytest.raises(UsageError, match="calibration tokens"):
-        expand_model(model, layout, small_windows(1, 4), SparsitySpec(0.5), ExpansionConfig(experts=5),
+        expand_model(model, layout, random_windows(1, 4), SparsitySpec(0.5), ExpansionConfig(experts=5),
                      progress=False)
     with pytest.raises(UsageError, match="no PCA dimensions"):
-        expand_model(model, layout, small_windows(), SparsitySpec(0.5), ExpansionConfig(experts=2, pca_reduction=100),
+        expand_model(model, layout, random_windows(), SparsitySpec(0.5), ExpansionConfig(experts=2, pca_reduction=100),
                      progress=False)
 
 
@@ -302,7 +298,7 @@ def test_compact_experts_give_the_same_logits_from_a_fraction_of_the_memory(expa
     """Loaded for inference with `compact`, each expert is one CSR copy (no dense stack): the logits are the
     dense stack's, the kernels (forced on) agree to rounding, and the model refuses to be saved."""
     from sparse_expansion.inference import accelerate
-    from sparse_expansion.io.model_dir import load_model_dir
+    from sparse_expansion.models.model_dir import load_model_dir
 
     model, _ = expanded_llama
     sparse_expansion.save(model, tokenizer, tmp_path / "se")
@@ -312,7 +308,7 @@ def test_compact_experts_give_the_same_logits_from_a_fraction_of_the_memory(expa
     dense_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, ExpertLinear))
     held = sum(m.weight.untyped_storage().nbytes() + sum(k.nbytes for k in m.expert_kernels) for m in layers)
     assert held < 0.8 * dense_bytes  # 50% sparse experts: ~6 of 8 bytes per weight pair (CSR, 16-bit columns)
-    x = small_windows(2, 20, seed=5)
+    x = random_windows(2, 20, seed=5)
     with torch.no_grad():
         expected = model(input_ids=x).logits
         assert torch.equal(compact(input_ids=x).logits, expected)  # decoded experts: the same products

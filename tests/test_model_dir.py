@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sparse_expansion
-from conftest import make_model
+from conftest import make_model, random_windows
 from sparse_expansion import UsageError
 from sparse_expansion.expansion import ExpansionConfig, expand_model
 from sparse_expansion.io.model_dir import MANIFEST_FILE, file_sha256
@@ -16,17 +16,14 @@ from sparse_expansion.models import discover
 from sparse_expansion.pruning import SparsitySpec, get_method, prune_model
 
 
-def _windows(n=6, length=24, seed=0):
-    return torch.randint(0, 300, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
 def _model(kind: str):
     model = make_model("llama")
     if kind == "pruned":
-        prune_model(model, discover(model), _windows(), get_method("sparsegpt"), SparsitySpec(0.6), progress=False)
+        prune_model(model, discover(model), random_windows(), get_method("sparsegpt"), SparsitySpec(0.6),
+                    progress=False)
     elif kind == "expanded":
-        expand_model(model, discover(model), _windows(), SparsitySpec(0.6), ExpansionConfig(experts=3, pca_reduction=8),
-                     progress=False)
+        expand_model(model, discover(model), random_windows(), SparsitySpec(0.6),
+                     ExpansionConfig(experts=3, pca_reduction=8), progress=False)
     return model
 
 
@@ -45,7 +42,7 @@ def test_every_save_path_writes_checksums_and_reloads_exactly(kind, weight_forma
         assert file_sha256(out / name) == digest
     assert bool(manifest["custom_layers"]) == (kind == "expanded")
     loaded = sparse_expansion.load(out).model
-    x = _windows(2, 12, seed=3)
+    x = random_windows(2, 12, seed=3)
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
 

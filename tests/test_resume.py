@@ -10,9 +10,11 @@ import textwrap
 
 import pytest
 
+from conftest import small_args
 from sparse_expansion.cli import main
 
-SMALL = ["--calib-samples", "6", "--seqlen", "32", "--batch-size", "2", "--quiet"]
+# Three calibration batches of two windows; evaluation at the command's default where a job evaluates.
+SMALL = small_args(calib_samples=6, eval_samples=None, batch_size=2)
 JOBS = {
     "prune": ["prune", "--method", "sparsegpt", "--sparsity", "0.5"],
     "expand": ["expand", "--experts", "2", "--pca-reduction", "8", "--sparsity", "0.5"],
@@ -48,6 +50,7 @@ def three_blocks(model_dir_factory):
     return model_dir_factory("llama", num_hidden_layers=3)
 
 
+@pytest.mark.slow  # a child process per case
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_killed_in_the_middle_of_a_block_and_resumed_gives_the_uninterrupted_output(job, three_blocks, corpus_dir,
                                                                                    tmp_path, capsys):
@@ -83,6 +86,7 @@ def test_killed_in_the_middle_of_a_block_and_resumed_gives_the_uninterrupted_out
     assert resumed_manifest.get("routers") == whole_manifest.get("routers")
 
 
+@pytest.mark.slow  # a child process
 def test_a_corrupted_state_directory_is_refused(three_blocks, corpus_dir, tmp_path, capsys):
     common = [*JOBS["prune"], "--model", str(three_blocks), "--data", str(corpus_dir), *SMALL]
     out = tmp_path / "out"
@@ -103,6 +107,7 @@ def test_a_corrupted_state_directory_is_refused(three_blocks, corpus_dir, tmp_pa
     assert "no interrupted run" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a child process
 def test_compare_killed_in_a_job_and_resumed_gives_the_uninterrupted_rows(three_blocks, corpus_dir, tmp_path):
     common = ["compare", "--model", str(three_blocks), "--data", str(corpus_dir), "--methods",
               "dense,sparsegpt,sparse-expansion", "--sparsity", "0.5", "--experts", "2", "--pca-reduction", "8",

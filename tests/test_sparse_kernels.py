@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import generate_from_both_formats, make_model
+from conftest import generate_from_both_formats, make_model, random_windows
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model
 from sparse_expansion.inference import accelerate, force_sparse
 from sparse_expansion.kernels import native
@@ -99,15 +97,12 @@ def test_sparse_linear_matches_its_dense_layer_and_falls_back():
     assert x.grad is not None
 
 
-def _windows(n=4, length=24, seed=0):
-    return torch.randint(0, 320, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox"])
 def test_pruned_model_logits_match_with_kernels(family):
     model = make_model(family)
-    prune_model(model, discover(model), _windows(), get_method("sparsegpt"), SparsitySpec(0.7), progress=False)
-    x = _windows(2, 20, seed=3)
+    prune_model(model, discover(model), random_windows(4, high=320), get_method("sparsegpt"), SparsitySpec(0.7),
+                progress=False)
+    x = random_windows(2, 20, seed=3, high=320)
     with torch.no_grad():
         expected = model(input_ids=x).logits
         report = accelerate(model, cache=SwitchCache(batch_sizes=(1, 2), repeats=1))
@@ -123,9 +118,9 @@ def test_pruned_model_logits_match_with_kernels(family):
 
 def test_expanded_model_logits_match_with_kernels():
     model = make_model("llama")
-    expand_model(model, discover(model), _windows(6), SparsitySpec(0.7), ExpansionConfig(experts=3, pca_reduction=8),
-                 progress=False)
-    x = _windows(2, 20, seed=4)
+    expand_model(model, discover(model), random_windows(6, high=320), SparsitySpec(0.7),
+                 ExpansionConfig(experts=3, pca_reduction=8), progress=False)
+    x = random_windows(2, 20, seed=4, high=320)
     with torch.no_grad():
         expected = model(input_ids=x).logits
         expected_one = model(input_ids=x[:1, :1]).logits
@@ -144,7 +139,8 @@ def test_dense_layers_and_kernels_off_leave_the_model_alone(monkeypatch):
     report = accelerate(model, cache=SwitchCache(batch_sizes=(1,), repeats=1))
     assert report["layers"] == 0 and not any(isinstance(m, SparseLinear) for m in model.modules())
     pruned = make_model("llama")
-    prune_model(pruned, discover(pruned), _windows(), get_method("magnitude"), SparsitySpec(0.7), progress=False)
+    prune_model(pruned, discover(pruned), random_windows(4, high=320), get_method("magnitude"), SparsitySpec(0.7),
+                progress=False)
     assert accelerate(pruned, mode="off")["layers"] == 0
     monkeypatch.setenv(native.DISABLE_ENV, "off")
     native._load.cache_clear()
@@ -165,20 +161,6 @@ def test_generate_from_compressed_equals_dense_checkpoint(llama_dir, corpus_dir,
     assert (tmp_path / "compressed" / "model.compressed.safetensors").is_file()
     assert (tmp_path / "dense" / "model.safetensors").is_file()
     assert texts["compressed"] == texts["dense"] and texts["dense"].strip()
-
-
-def test_kernel_bench_json_has_the_layer_and_the_limits(tmp_path, capsys):
-    from sparse_expansion.cli import main
-
-    out = tmp_path / "k.json"
-    assert main(["bench", "--kernel", "--rows", "96", "--cols", "80", "--sparsity", "0.9", "--batch", "8",
-                 "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["kernel_available"] and result["bandwidth_gbs"] > 0
-    for case in ("single", "batched"):
-        assert result[case]["csr_bytes"] < result[case]["dense_bytes"]
-        assert result[case]["layer_ms"] > 0 and result[case]["kernel_ms"] > 0
-    assert result["speedup"] == result["single"]["speedup"]
 
 
 def test_a_failing_compiler_leaves_the_kernels_off_with_a_reason(monkeypatch, tmp_path):

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import sparse_expansion
-from conftest import make_model
+from conftest import make_model, random_windows, run_cli
 from sparse_expansion import UsageError, load
-from sparse_expansion.cli import build_parser, main
 from sparse_expansion.evaluation import zero_shot
 from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_model
 from sparse_expansion.models import discover
@@ -21,19 +20,11 @@ ROWS = [json.loads(line) for line in
         (zero_shot.PACKAGED_TASKS_DIR / "local_mc" / "local_mc.jsonl").read_text().splitlines() if line.strip()]
 
 
-def run_cli(args, capsys):
-    capsys.readouterr()
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def expanded_dir(tmp_path_factory, tokenizer):
     model = make_model("llama", seed=1)
-    windows = torch.randint(0, 300, (6, 24), generator=torch.Generator().manual_seed(0))
-    expand_model(model, discover(model), windows, SparsitySpec(0.5), ExpansionConfig(experts=3, pca_reduction=8),
-                 progress=False)
+    expand_model(model, discover(model), random_windows(), SparsitySpec(0.5),
+                 ExpansionConfig(experts=3, pca_reduction=8), progress=False)
     path = tmp_path_factory.mktemp("expanded") / "se"
     sparse_expansion.save(model, tokenizer, path)
     return path
@@ -120,10 +111,12 @@ def test_unknown_task_is_a_one_line_error(llama_dir, capsys):
 
 
 def test_default_tasks_are_the_sparsegpt_wanda_suite():
-    args = build_parser().parse_args(["lm-eval"])
-    assert tuple(args.tasks.split(",")) == zero_shot.DEFAULT_TASKS
+    """The zero-shot suite of the SparseGPT and Wanda papers' tables, each a task lm-eval knows."""
+    from sparse_expansion.workflow.settings import LmEvalSettings
+
+    suite = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
     manager = zero_shot.task_manager()
-    assert zero_shot.check_tasks(manager, args.tasks) == list(zero_shot.DEFAULT_TASKS)
+    assert zero_shot.check_tasks(manager, LmEvalSettings().tasks) == suite
 
 
 def test_hub_task_offline_is_a_one_line_error(llama_dir, capsys, monkeypatch, tmp_path):

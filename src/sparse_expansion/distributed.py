@@ -20,7 +20,8 @@ import os
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, literal
+from .settings import SettingError
 
 _state = {"device": None}
 
@@ -62,7 +63,8 @@ def init_from_env(device: str = "cpu", timeout_minutes: float = 60.0) -> str:
     use_cuda = str(device).startswith("cuda")
     if use_cuda:
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {device} requested but CUDA is not available on this machine")
+            raise SettingError("device", f"{{device}} {literal(device)} requested but CUDA is not available on this "
+                                         "machine")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
             raise UsageError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); launch at most "
@@ -175,3 +177,10 @@ def check_same(value, what: str) -> None:
 def barrier() -> None:
     if active():
         _dist().barrier()
+
+
+def on_main(write, *args, **kwargs):
+    """Run a write on rank 0 only (every rank in one process), then let the ranks meet."""
+    result = write(*args, **kwargs) if is_main() else None
+    barrier()
+    return result

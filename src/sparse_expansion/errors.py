@@ -6,3 +6,9 @@ class UsageError(Exception):
 
     The message must fit on one line and say what to change.
     """
+
+
+def literal(value) -> str:
+    """`value` as text that stands for itself inside a `SettingError` template (settings.py): its braces doubled,
+    so that a path or name holding `{` or `}` is neither filled in nor an error."""
+    return str(value).replace("{", "{{").replace("}", "}}")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from .errors import literal
+from .settings import SettingError
 
 __version__ = "0.1.0"
 CACHE_ENV = "SPARSE_EXPANSION_CACHE"
@@ -34,23 +35,37 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[name.lower()]
     except KeyError:
-        raise UsageError(f"unknown --dtype {name!r}; choose one of float32, float16, bfloat16") from None
+        raise SettingError("dtype", f"unknown {{dtype}} {literal(repr(name))}; choose one of float32, float16, "
+                                    "bfloat16") from None
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
     name = str(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} requested but CUDA is not available on this machine")
+        raise SettingError("device", f"{{device}} {literal(name)} requested but CUDA is not available on this machine")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}; use cpu or cuda") from None
+        raise SettingError("device", f"unknown {{device}} {literal(repr(name))}; use cpu or cuda") from None
 
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type's name), for one-line errors."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags as Linux lists them ("flags" on x86, "Features" on Arm); None where unreadable."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return None
 
 
 

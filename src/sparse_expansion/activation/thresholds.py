@@ -14,6 +14,7 @@ from torch import nn
 from ..analysis.neurons import walk_ffn_inputs
 from ..errors import UsageError
 from ..models.discovery import ModelLayout, linear_weight
+from ..settings import SettingError
 from .cett import down_column_norms, threshold_for_cett
 
 
@@ -154,11 +155,6 @@ def nonzero_rule(x: torch.Tensor) -> torch.Tensor:
     return x != 0
 
 
-def check_ppl_increase(increase: float) -> None:
-    if not increase > 0:
-        raise UsageError(f"--ppl-increase must be positive, got {increase:g}")
-
-
 @dataclass
 class SearchStep:
     cett: float
@@ -205,8 +201,9 @@ def install_thresholds(model: nn.Module, per_neuron: dict[str, torch.Tensor], ra
 
     for path in per_neuron:
         if type(model.get_submodule(path)) is not nn.Linear:
-            raise UsageError(f"--out: {path} is a {type(model.get_submodule(path)).__name__}; saved thresholds need a "
-                             "plain linear down projection (dense or pruned; not expanded, not GPT-2's Conv1D)")
+            raise SettingError("out", f"{{out}}: {path} is a {type(model.get_submodule(path)).__name__}; saved "
+                                      "thresholds need a plain linear down projection (dense or pruned; not expanded, "
+                                      "not GPT-2's Conv1D)")
     for path, thresholds in per_neuron.items():
         model.set_submodule(path, ThresholdedLinear(model.get_submodule(path), thresholds, ratios.get(path, 1.0)))
     return len(per_neuron)

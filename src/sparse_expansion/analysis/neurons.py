@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
-from ..calibration import SequentialCalibration, Step, TokenRecorder, Watch
+from ..calibration import BlockHooks, SequentialCalibration, Step, TokenRecorder, Watch
 from ..models.discovery import ModelLayout, linear_weight
 from .wasserstein import mapping_difficulty, top_fraction, wasserstein_to_gaussian
 
@@ -117,8 +117,9 @@ def walk_ffn_inputs(model: nn.Module, layout: ModelLayout, windows: torch.Tensor
                     on_layer: Callable, device: torch.device | str = "cpu", batch_size: int = 8,
                     progress: bool = True, desc: str = "neurons") -> None:
     """Run the dense model up to the last of `blocks`, calling `on_layer` for each FFN linear of `blocks`."""
-    engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=progress, desc=desc)
-    engine.run(windows, FFNInputsStep(layout, blocks, on_layer), stop_after=max(blocks))
+    engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=progress, desc=desc,
+                                   hooks=BlockHooks(stop_after=max(blocks)))
+    engine.run(windows, FFNInputsStep(layout, blocks, on_layer))
 
 
 def analyze_neurons(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, blocks: list[int],

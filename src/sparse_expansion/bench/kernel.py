@@ -25,6 +25,7 @@ from ..errors import UsageError
 from ..kernels import native
 from ..kernels.timing import paired_medians_ms
 from ..layers.sparse_linear import CSRWeight, SparseLinear, SwitchCache, apply_switch
+from ..settings import SettingError
 
 
 def random_sparse_weight(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
@@ -49,10 +50,8 @@ def product_bytes(rows: int, cols: int, nnz: int, index_bytes: int, tokens: int 
 
 def kernel_benchmark(rows: int, cols: int, sparsity: float, batch: int = 128, min_run_time: float = 0.5,
                      seed: int = 0) -> dict:
-    if rows < 1 or cols < 1 or batch < 1:
-        raise UsageError("--rows, --cols and --batch must be positive")
-    if not 0.0 <= sparsity < 1.0:
-        raise UsageError(f"sparsity must be in [0, 1), got {sparsity}")
+    """Dense against sparse products of a random `rows` x `cols` weight with `sparsity` zeros, at 1 and `batch`
+    tokens (the sizes and the sparsity as BenchSettings checks them)."""
     import scipy.sparse
 
     weight = random_sparse_weight(rows, cols, sparsity, seed)
@@ -122,7 +121,8 @@ def semi_structured_benchmark(rows: int, cols: int, batch: int = 128, dtype: tor
     from ..layers.switch import measure_switch
 
     if not semi_structured_supported():
-        raise UsageError("--device cuda: no CUDA GPU with 2:4 sparse tensor cores (compute capability >= 8.0)")
+        raise SettingError("device", "{device} cuda: no CUDA GPU with 2:4 sparse tensor cores (compute capability "
+                                     ">= 8.0)")
     mask = torch.tensor([0, 0, 1, 1], dtype=torch.bool, device="cuda").tile(rows, cols // 4)
     weight = (torch.randn(rows, cols, device="cuda", dtype=dtype) * mask).contiguous()
     sparse = torch.sparse.to_sparse_semi_structured(weight)
@@ -154,15 +154,12 @@ def activation_benchmark(rows: int, cols: int, activation_sparsity: float, batch
     """A thresholded down projection (`rows` outputs, `cols` intermediate neurons) on inputs where a fraction
     `activation_sparsity` falls below its neuron's threshold: the dense product of the masked input against
     the activation-sparse kernel and the layer (kernel or dense, as its switch measured), at 1 and `batch`
-    tokens, with the memory-bound limit (the bytes of the rows read)."""
+    tokens, with the memory-bound limit (the bytes of the rows read). The sizes and `activation_sparsity` as
+    BenchSettings checks them."""
     from ..layers import ThresholdedLinear
     from ..layers.protocol import AccelerateContext, kind_of
     from ..layers.thresholded_linear import mask_below
 
-    if rows < 1 or cols < 1 or batch < 1:
-        raise UsageError("--rows, --cols and --batch must be positive")
-    if not 0.0 <= activation_sparsity < 1.0:
-        raise UsageError(f"--activation-sparsity must be in [0, 1), got {activation_sparsity}")
     if not native.available():
         raise UsageError(f"the activation-sparse kernel is unavailable: {native.unavailable_reason()}")
     generator = torch.Generator().manual_seed(seed)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UsageError
 from ..inference import accelerate
 from ..models import discover, ffn_costs, load_model, weight_bytes_per_token
 from .kernel import read_bandwidth_gbs
@@ -52,8 +51,7 @@ def _decode_seconds(model, ids: torch.Tensor, steps: int) -> float:
 
 def model_benchmark(model: str, baseline: str | None = None, prompt_tokens: int = 128, new_tokens: int = 32,
                     repeats: int = 3, seed: int = 0, kernels: str = "auto") -> dict:
-    if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
-        raise UsageError("--prompt-tokens, --new-tokens and --repeats must be positive")
+    """`prompt_tokens`, `new_tokens` and `repeats` as BenchSettings checks them (at least 1)."""
     candidate = load_model(model, quiet=True)
     reference = load_model(baseline, quiet=True)
     kernel_reports = {name: accelerate(loaded.model, kernels)

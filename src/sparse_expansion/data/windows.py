@@ -13,31 +13,35 @@ import random
 import torch
 
 from ..errors import UsageError
+from ..settings import AtLeast, OneOf, SettingError
 from .corpus import Corpus, sample_document_windows
 
 C4_EVAL_WINDOWS = 256
 BOS_MODES = ("auto", "always", "never")
+# The checks of the window settings (RunSettings states them with these, so each is written once).
+WINDOWS = AtLeast(1)  # calibration or test windows
+SEQLEN = AtLeast(2)  # tokens per window: at least one input and its next-token target
+BOS = OneOf(BOS_MODES)
 
 
-def resolve_bos(tokenizer, mode: str = "auto") -> int | None:
-    """The token id every window must start with under `--bos MODE`, or None.
+def resolve_bos(tokenizer, bos: str = "auto") -> int | None:
+    """The token id every window must start with under the `bos` mode, or None.
 
     `never`: None. `always`: the tokenizer's BOS id. `auto`: the BOS id only when the tokenizer adds it
     itself on encoding (Gemma's does; GPT-2/SmolLM2-style ones do not).
     """
-    if mode not in BOS_MODES:
-        raise UsageError(f"--bos must be one of {', '.join(BOS_MODES)}, not {mode!r}")
-    if mode == "never":
+    BOS("bos", bos)
+    if bos == "never":
         return None
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if mode == "always":
-        if bos is None:
-            raise UsageError("--bos always: the tokenizer has no BOS token (use --bos auto or never)")
-        return bos
-    if bos is None:
+    token = getattr(tokenizer, "bos_token_id", None)
+    if bos == "always":
+        if token is None:
+            raise SettingError("bos", "{bos} always: the tokenizer has no BOS token (use {bos} auto or never)")
+        return token
+    if token is None:
         return None
     ids = list(tokenizer("Hello world").input_ids)
-    return bos if ids and ids[0] == bos else None
+    return token if ids and ids[0] == token else None
 
 
 def tokenize(tokenizer, text: str, add_special_tokens: bool = True) -> torch.Tensor:
@@ -66,10 +70,8 @@ def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
 def calibration_windows(corpus: Corpus, tokenizer, n: int, seqlen: int, seed: int,
                         bos: int | None = None) -> torch.Tensor:
     """`n` random windows of `seqlen` tokens from the train split, seeded (each starting with `bos` if given)."""
-    if n < 1:
-        raise UsageError("--calib-samples must be at least 1")
-    if seqlen < 2:
-        raise UsageError("--seqlen must be at least 2")
+    WINDOWS("n", n)
+    SEQLEN("seqlen", seqlen)
     if corpus.train_documents is not None:
         return sample_document_windows(corpus.train_documents, tokenizer, n, seqlen, seed, bos=bos)
     ids = tokenize(tokenizer, corpus.train_text, add_special_tokens=bos is None)
@@ -87,16 +89,15 @@ def evaluation_windows(corpus: Corpus, tokenizer, seqlen: int, limit: int | None
     """The test text tokenized once, cut into non-overlapping `seqlen` windows, tail dropped.
 
     With `bos`, the windows hold `seqlen - 1` text tokens after the BOS id."""
-    if seqlen < 2:
-        raise UsageError("--seqlen must be at least 2")
+    SEQLEN("seqlen", seqlen)
+    if limit is not None:
+        WINDOWS("limit", limit)
     ids = tokenize(tokenizer, corpus.test_text, add_special_tokens=bos is None)
     width = seqlen if bos is None else seqlen - 1  # text tokens per window
     count = ids.numel() // width
     if corpus.name == "c4":
         count = min(count, C4_EVAL_WINDOWS)
     if limit is not None:
-        if limit < 1:
-            raise UsageError("--eval-samples must be at least 1")
         count = min(count, limit)
     if count == 0:
         raise UsageError(f"test text has {ids.numel()} tokens, shorter than one window of {width}"

@@ -19,7 +19,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, literal
+from ..settings import AtLeast, SettingError
 
 #: The zero-shot suite that SparseGPT and Wanda report (datasets come from the Hugging Face hub).
 DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -28,6 +29,10 @@ PACKAGED_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 #: A small multiple-choice task read from files shipped in this package: works offline.
 LOCAL_TASK = "sparse_expansion_local_mc"
 INSTALL_HINT = "pip install 'sparse-expansion[lm-eval]'"
+# The checks of the run options (LmEvalSettings states them with these, so each is written once).
+LIMIT = AtLeast(1)  # examples per task
+BATCH_SIZE = AtLeast(1)  # requests per forward pass
+NUM_FEWSHOT = AtLeast(0)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -64,7 +69,7 @@ def parse_tasks(text: str | Iterable[str]) -> list[str]:
     items = text.split(",") if isinstance(text, str) else list(text)
     names = list(dict.fromkeys(item.strip() for item in items if item and item.strip()))
     if not names:
-        raise UsageError("--tasks is empty; e.g. --tasks " + ",".join(DEFAULT_TASKS))
+        raise SettingError("tasks", "{tasks} is empty; name some lm-eval tasks, e.g. " + ",".join(DEFAULT_TASKS))
     return names
 
 
@@ -87,7 +92,8 @@ def task_manager(include_path: str | os.PathLike | Sequence[str | os.PathLike] |
     for item in _paths(include_path) or []:
         path = Path(item).expanduser()
         if not path.is_dir():
-            raise UsageError(f"--include-path {item}: not a directory of lm-eval task YAML files")
+            raise SettingError("include_path", f"{{include_path}} {literal(item)}: not a directory of lm-eval task "
+                                               "YAML files")
         paths.append(str(path.resolve()))
     return _cached_manager(tuple(paths))
 
@@ -110,19 +116,19 @@ def check_tasks(manager, tasks: Iterable[str]) -> list[str]:
         hints = []
         for name in unknown:
             close = difflib.get_close_matches(name, known, n=3)
-            hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise UsageError(f"unknown lm-eval task {'; '.join(hints)}; tasks in your own YAML files need "
-                         f"--include-path DIR, and {LOCAL_TASK} is the offline task shipped with this package")
+            hints.append(literal(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")))
+        raise SettingError("tasks", f"unknown lm-eval task {'; '.join(hints)}; tasks in your own YAML files need "
+                                    f"{{include_path}} DIR, and {LOCAL_TASK} is the offline task shipped with this "
+                                    "package")
     return names
 
 
 def check_options(limit: int | None = None, batch_size: int = 8, num_fewshot: int | None = 0) -> None:
-    if limit is not None and limit < 1:
-        raise UsageError("--limit must be at least 1")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise UsageError("--num-fewshot must be at least 0")
+    """`run_lm_eval`'s options, by the checks LmEvalSettings states (None: off)."""
+    for name, value, check in (("limit", limit, LIMIT), ("batch_size", batch_size, BATCH_SIZE),
+                               ("num_fewshot", num_fewshot, NUM_FEWSHOT)):
+        if value is not None:
+            check(name, value)
 
 
 def _is_download_error(exc: BaseException) -> bool:

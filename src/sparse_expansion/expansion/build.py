@@ -33,49 +33,57 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..calibration import SequentialCalibration, Step, TokenRecorder, Watch
+from ..calibration import BlockHooks, SequentialCalibration, Step, TokenRecorder, Watch
 from ..errors import UsageError
 from ..layers import ROUTERS_ATTR, ExpertLinear, Router, SelectiveExpertLinear, clear_router_memos
 from ..models.discovery import ModelLayout, linear_weight
 from ..pruning.masks import check_nm_shape, highest_first
 from ..pruning.methods import PruneOptions, PruningMethod, get_method
 from ..pruning.spec import SparsitySpec
-from .fitting import INITS, fit_router, pca_components
+from ..settings import AtLeast, Interval, check_fields, setting
+from .fitting import EXPERTS, INITS, PCA_REDUCTION, fit_router, pca_components
 
 # (layer path, weight (out, in), the layer's calibration inputs (tokens, in) on the compute device, bias or
 # None) -> one score per output row; the highest scores are expanded.
 RowScores = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+def _data_methods() -> list[str]:
+    from ..pruning.methods import METHODS
+
+    return [name for name, method in METHODS.items() if method.statistic is not None]
+
+
 @dataclass(frozen=True)
 class ExpansionConfig:
-    experts: int = 16
-    pca_reduction: int | None = 32  # None: cluster the raw inputs (--no-pca)
-    kmeans_restarts: int = 1
-    kmeans_iterations: int = 300  # Lloyd iterations at most, per restart
-    kmeans_init: str = "k-means++"  # or "random": k distinct random tokens
-    seed: int = 0
-    backend: str = "torch"
-    min_cluster_tokens: int = 32
-    method: str = "sparsegpt"  # how each expert is pruned on its cluster: a name from the pruning registry
-    selective: float | None = None  # fraction of each linear's rows to expand, in (0, 1]; None: every row
+    """How each FFN linear becomes a mixture of sparse experts (checked on construction)."""
 
-    def validate(self) -> None:
-        if self.experts < 1:
-            raise UsageError(f"--experts must be at least 1, got {self.experts}")
-        if self.pca_reduction is not None and self.pca_reduction < 1:
-            raise UsageError(f"--pca-reduction must be at least 1, got {self.pca_reduction}")
-        if self.kmeans_restarts < 1:
-            raise UsageError(f"--kmeans-restarts must be at least 1, got {self.kmeans_restarts}")
-        if self.kmeans_iterations < 1:
-            raise UsageError(f"--kmeans-iterations must be at least 1, got {self.kmeans_iterations}")
-        if self.kmeans_init not in INITS:
-            raise UsageError(f"unknown --kmeans-init {self.kmeans_init!r}; choose one of {', '.join(INITS)}")
-        if self.selective is not None and not 0 < self.selective <= 1:
-            raise UsageError(f"selective expansion needs a fraction of rows in (0, 1], got {self.selective}")
-        if get_method(self.method).statistic is None:
-            raise UsageError(f"--expert-method {self.method} uses no calibration data, so every expert would be "
-                             "the same; choose a method that does (wanda, sparsegpt)")
+    experts: int = setting(16, "experts per FFN linear", EXPERTS)
+    pca_reduction: int | None = setting(32, "route in d_in // R PCA dimensions", PCA_REDUCTION,
+                                        off_flag=("--no-pca", "cluster the raw inputs instead of their PCA projection"))
+    kmeans_restarts: int = setting(1, "k-means++ restarts, lowest inertia kept (as scikit-learn)", AtLeast(1))
+    kmeans_iterations: int = setting(300, "Lloyd iterations at most, per restart", AtLeast(1))
+    kmeans_init: str = setting("k-means++", "k-means seeding", choices=INITS)
+    seed: int = setting(0, "seed of the routers' k-means (the CLI uses the calibration seed)", cli=False)
+    backend: str = setting("torch", "library that fits PCA and k-means (see docs/BENCHMARKS.md)",
+                           choices=("torch", "sklearn"), flag="--router-backend")
+    min_cluster_tokens: int = setting(32, "clusters with fewer calibration tokens use the layer's whole statistic",
+                                      AtLeast(1))
+    method: str = setting("sparsegpt", "how each expert is pruned on its cluster", choices=_data_methods,
+                          flag="--expert-method")
+    selective: float | None = setting(
+        None, "expand only the share of each FFN linear's rows that score highest (the CLI takes a percentage P, "
+        "Python a fraction); the other rows are pruned once and shared (default: expand every row)",
+        Interval(0, 1, what="a share of rows"), scale=100, metavar="P",
+        flag="--selective")
+
+    def __post_init__(self):
+        check_fields(self)
+
+    def check_bits(self, bits: int | None) -> None:
+        """Joint quantization needs experts pruned by a method that supports it."""
+        if bits is not None:
+            get_method(self.method, bits)
 
 
 @dataclass
@@ -173,14 +181,9 @@ EXPERT_MEMORY_SHARE = 0.3
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 34
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def experts_per_batch(rows: int, cols: int, experts: int, device: torch.device) -> int:
@@ -227,7 +230,6 @@ def expand_linear(module: nn.Module, inputs: torch.Tensor, spec: SparsitySpec, c
                   options: PruneOptions | None = None) -> tuple[Router, torch.Tensor, torch.Tensor | None]:
     """Expand one linear layer on its calibration inputs (tokens, in), outside any model: its router, the
     (k, out, in) pruned experts and the bias. (What the analysis uses to vary the number of experts.)"""
-    config.validate()
     method = get_method(config.method)
     fit = fit_group([inputs], config, method, inputs.device)
     weight = linear_weight(module).detach().to(inputs.device)
@@ -319,13 +321,13 @@ class ExpandStep(Step):
 
 def expand_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, spec: SparsitySpec,
                  config: ExpansionConfig, options: PruneOptions | None = None, device: torch.device | str = "cpu",
-                 batch_size: int = 8, progress: bool = True, engine_options: dict | None = None,
+                 batch_size: int = 8, progress: bool = True, hooks: BlockHooks | None = None,
+                 offload_dir: str | None = None,
                  row_scores: RowScores | None = None, report: ExpansionReport | None = None) -> ExpansionReport:
     """Turn every FFN linear of every block into `config.experts` SparseGPT experts, in place.
 
     With `config.selective`, only the rows that `row_scores` ranks highest become experts (see `RowScores`).
     """
-    config.validate()
     options = options or PruneOptions()
     device = torch.device(device)
     ffn = layout.select("ffn")
@@ -342,8 +344,8 @@ def expand_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, s
     method = get_method(config.method, options.bits)
     step = ExpandStep(layout, spec, config, options, method, device, report, row_scores)
     engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=progress,
-                                   desc=f"expand x{config.experts}")
-    engine.run(windows, step, **(engine_options or {}))
+                                   desc=f"expand x{config.experts}", hooks=hooks, offload_dir=offload_dir)
+    engine.run(windows, step)
     clear_router_memos(model)  # drop the last calibration batch the routers still hold
     report.seconds = time.perf_counter() - start
     return report

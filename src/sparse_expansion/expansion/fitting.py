@@ -13,20 +13,24 @@ import torch
 
 from ..errors import UsageError
 from ..layers.router import Router
+from ..settings import AtLeast, SettingError
 
 BACKENDS = ("torch", "sklearn")
+# The checks of the expert count and the PCA reduction (ExpansionConfig states them with these).
+EXPERTS = AtLeast(1)
+PCA_REDUCTION = AtLeast(1)
 
 
 def pca_components(in_features: int, reduction: int | None) -> int | None:
-    """Number of PCA dimensions for `--pca-reduction`; None means no PCA."""
+    """Number of PCA dimensions for a PCA reduction of `reduction` (ExpansionConfig.pca_reduction); None means
+    no PCA."""
     if reduction is None:
         return None
-    if reduction < 1:
-        raise UsageError(f"--pca-reduction must be at least 1, got {reduction}")
+    PCA_REDUCTION("pca_reduction", reduction)
     components = in_features // reduction
     if components < 1:
-        raise UsageError(f"--pca-reduction {reduction} leaves no PCA dimensions for a layer with "
-                         f"{in_features} inputs")
+        raise SettingError("pca_reduction", f"{{pca_reduction}} {reduction} leaves no PCA dimensions for a layer "
+                                            f"with {in_features} inputs")
     return components
 
 
@@ -148,8 +152,7 @@ def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restar
     iterations at most, stopping once the centres move less than `tol` times the data's mean variance;
     `init` seeds each of the `restarts` runs with k-means++ or with k distinct random tokens.
     """
-    if experts < 1:
-        raise UsageError(f"--experts must be at least 1, got {experts}")
+    EXPERTS("experts", experts)
     if backend not in BACKENDS:
         raise UsageError(f"unknown router backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if restarts < 1:

@@ -8,13 +8,12 @@ only for the shapes and token counts where it measured faster than dense (layers
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 from torch import nn
 
 from ..kernels import native
-from ..layers import SparseLinear
-from ..layers.expert_linear import RoutedExperts
 from ..layers.protocol import AccelerateContext, kind_of
 from ..layers.switch import ALWAYS, SwitchCache
 from ..models.discovery import discover
@@ -31,13 +30,17 @@ KERNEL_MODES = ("auto", "always", "off")
 def accelerate(model: nn.Module, mode: str = "auto", cache: SwitchCache | None = None) -> dict:
     """Give every layer of the decoder blocks its measured fast path; returns what was switched.
 
-    Report: `layers` (linear layers converted), `experts` (expert matrices with a CSR copy),
-    `dense_layers` (linear layers left as they are), `switch` (per measured shape: the token counts where
-    the fast path won, and both times).
+    Every linear layer's kind decides (`LayerKind.accelerate`) and says which accelerated copies the layer
+    then holds (`LayerKind.fast_paths`). Report: `switched` (path -> kind of the layer's new form, for every
+    layer holding an accelerated copy), `kinds` (how many of those per kind), `layers` (linear layers
+    replaced by a faster form), `experts` (expert matrices with a CSR copy), `dense_layers` (linear layers
+    left without an accelerated copy), `switch` (per measured shape: the token counts where the fast path
+    won, and both times).
     """
     if mode not in KERNEL_MODES:
         raise ValueError(f"unknown kernel mode {mode!r}")
-    report = {"mode": mode, "available": False, "layers": 0, "experts": 0, "dense_layers": 0, "switch": {}}
+    report = {"mode": mode, "available": False, "layers": 0, "experts": 0, "dense_layers": 0, "switched": {},
+              "kinds": {}, "switch": {}}
     if mode == "off":
         return report
     on_cuda = next(model.parameters()).device.type == "cuda"
@@ -47,33 +50,38 @@ def accelerate(model: nn.Module, mode: str = "auto", cache: SwitchCache | None =
         return report
     report["available"] = True
     context = AccelerateContext(mode=mode, switches=cache or SwitchCache(), cpu_kernels=cpu_kernels)
-    for block in discover(model).blocks:
+    layout = discover(model)
+    kinds = Counter()
+    for index, block in enumerate(layout.blocks):
         for name, module in list(block.named_modules()):
             kind = kind_of(module)
             if not name or kind is None or not kind.linear:
                 continue
             new = kind.accelerate(module, context)
-            if isinstance(module, RoutedExperts):
-                kernels = [getattr(module, "shared_kernel", None), *(module.expert_kernels or [])]
-                report["experts"] += sum(k is not None for k in kernels)
-            elif new is not module:
+            if new is not module:
                 block.set_submodule(name, new)
+            new_kind = kind_of(new)
+            fast = new_kind.fast_paths(new)
+            if fast:
+                report["switched"][f"{layout.blocks_path}.{index}.{name}"] = new_kind.name
+                kinds[new_kind.name] += 1
+            if kind.routed:
+                report["experts"] += len(fast)
+            elif new is not module:
                 report["layers"] += 1
-            else:
+            elif not fast:
                 report["dense_layers"] += 1
         release_memory()
+    report["kinds"] = dict(kinds)
     report["switch"] = context.switches.summary()
-    log.info("accelerate: %d linear layers and %d expert matrices switched", report["layers"], report["experts"])
+    log.info("accelerate: %d linear layers and %d expert matrices switched (%s)", report["layers"],
+             report["experts"], ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())) or "none")
     return report
 
 
 def force_sparse(model: nn.Module) -> None:
     """Make every layer with an accelerated copy use it at every batch size."""
     for module in model.modules():
-        if isinstance(module, SparseLinear):
-            module.csr.switch = ALWAYS
-        elif hasattr(module, "fast_at_one_token"):
-            module.switch = ALWAYS
-        for kernel in [getattr(module, "shared_kernel", None), *(getattr(module, "expert_kernels", None) or [])]:
-            if kernel is not None:
-                kernel.switch = ALWAYS
+        kind = kind_of(module)
+        for path in kind.fast_paths(module) if kind is not None else []:
+            path.switch = ALWAYS

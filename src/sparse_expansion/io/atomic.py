@@ -9,7 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, literal
+from ..settings import SettingError
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -18,7 +19,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if out.exists() and not overwrite:
         if out.is_dir() and not any(out.iterdir()):
             return out
-        raise UsageError(f"output path {out} already exists; pass --overwrite to replace it")
+        raise SettingError("overwrite", f"output path {literal(out)} already exists; pass {{overwrite}} to replace it")
     parent = out.absolute().parent
     while not parent.exists() and parent != parent.parent:  # the nearest ancestor that exists must be a directory
         parent = parent.parent

@@ -7,6 +7,7 @@ reported of it) in `state.json`, itself replaced atomically. A process killed at
 the previous state or the new one, never a half-written block. `--resume DIR` reopens the directory: the
 run's settings must be the ones recorded, every recorded file must still have its checksum, and the run
 continues after the last recorded block (blocks/`restore` put the saved ones back).
+The directory itself (state file, fingerprint check, checksums, rank 0 first) is a StateDir (state_dir.py).
 
 `finish` writes the rest of the model (embeddings, final norm, ...), config, tokenizer and the manifest
 (io/model_dir.py) next to the block files and renames the directory to the output: the block files are the
@@ -15,21 +16,17 @@ output's weight files, so a finished block is written once and never held in mem
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..errors import UsageError
 from ..layers.protocol import unique_tensor_bytes
-from .atomic import atomic_write_text, move_into_place
+from .atomic import move_into_place
 from .compressed import COMPRESSED_WEIGHTS_FILE, ENCODINGS, load_compressed, save_compressed
-from .model_dir import FORMAT, MANIFEST_FILE, file_sha256, write_manifest
+from .model_dir import FORMAT, MANIFEST_FILE, write_manifest
+from .state_dir import STATE_FILE, StateDir
 
-STATE_FILE = "state.json"
 # The tensors outside the blocks: the usual file name of a compressed directory (dense: a name that no Hugging
 # Face loader mistakes for a whole checkpoint).
 REST_FILES = {"compressed": COMPRESSED_WEIGHTS_FILE, "dense": "rest.safetensors"}
@@ -41,50 +38,16 @@ def default_state_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def check_fingerprint(recorded, current: dict, path: Path) -> None:
-    """A one-line error naming the first setting in which a resumed run differs from the interrupted one."""
-    if not isinstance(recorded, dict):
-        raise UsageError(f"{path / STATE_FILE} is not the state of a sparse-expansion run")
-    differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
-    if differ:
-        key = differ[0]
-        raise UsageError(f"--resume {path}: the interrupted run had {key}={recorded.get(key)!r}, this one "
-                         f"{current.get(key)!r}; resume with the same options")
+class BlockStore(StateDir):
+    """`resume`: as StateDir's (None: continue the run recorded there, if any). Under torch.distributed every
+    rank opens it (rank 0 first); rank 0 saves the blocks and finishes."""
 
+    def __init__(self, path: str | os.PathLike, fingerprint: dict, resume: bool | None = False):
+        super().__init__(path, fingerprint, resume, initial={"format": FORMAT, "blocks": []})
 
-class BlockStore:
-    def __init__(self, path: str | os.PathLike, fingerprint: dict, resume: bool = False):
-        self.path = Path(path)
-        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from JSON
-        state_file = self.path / STATE_FILE
-        if resume:
-            if not state_file.is_file():
-                raise UsageError(f"--resume {self.path}: no interrupted run there (no {STATE_FILE})")
-            try:
-                self.state = json.loads(state_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UsageError(f"{state_file} is not valid JSON: {exc}") from None
-            self._check_resumable()
-        else:
-            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-                hint = (f"pass --resume {self.path} to continue it, or delete it" if state_file.is_file()
-                        else "delete it or choose another output")
-                raise UsageError(f"{self.path} already holds an interrupted run's state; {hint}")
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.state = {"format": FORMAT, "fingerprint": self.fingerprint, "blocks": []}
-            self._write_state()
-
-    def _check_resumable(self) -> None:
-        if not isinstance(self.state.get("blocks"), list):
-            raise UsageError(f"{self.path / STATE_FILE} is not the state of a sparse-expansion run")
-        check_fingerprint(self.state.get("fingerprint"), self.fingerprint, self.path)
+    def verify_files(self) -> None:
         for entry in self.state["blocks"]:
-            file = self.path / entry["file"]
-            if not file.is_file() or file_sha256(file) != entry["sha256"]:
-                raise UsageError(f"{file} is missing or corrupted (its sha256 differs from {STATE_FILE})")
-
-    def _write_state(self) -> None:
-        atomic_write_text(self.path / STATE_FILE, json.dumps(self.state, indent=1) + "\n")
+            self.verify(entry["file"], entry["sha256"])
 
     @property
     def done(self) -> int:
@@ -99,15 +62,7 @@ class BlockStore:
 
     def _write_tensors(self, state: dict[str, torch.Tensor], name: str, encoding: str) -> str:
         allow, pack = ENCODINGS[encoding]
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.path)
-        os.close(fd)
-        try:
-            save_compressed(state, tmp, allow=allow, pack=pack)
-            os.replace(tmp, self.path / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return file_sha256(self.path / name)
+        return self.write_file(name, lambda tmp: save_compressed(state, tmp, allow=allow, pack=pack))
 
     def save_block(self, index: int, state: dict[str, torch.Tensor], layers: dict, record: dict,
                    encoding: str) -> None:
@@ -118,7 +73,7 @@ class BlockStore:
         digest = self._write_tensors(state, name, encoding)
         self.state["blocks"].append({"file": name, "sha256": digest, "layers": layers, "record": record,
                                      "dense_bytes": unique_tensor_bytes(state.values())})
-        self._write_state()
+        self.save()
 
     def load_block(self, index: int) -> dict[str, torch.Tensor]:
         return load_compressed(self.path / self.state["blocks"][index]["file"])
@@ -138,14 +93,11 @@ class BlockStore:
         for entry in self.state["blocks"]:
             layers.update(entry["layers"])
         write_manifest(self.path, manifest, "state-dict", encoding, self.dense_bytes(rest), layers)
-        (self.path / STATE_FILE).unlink()
+        self.file.unlink()
         final = Path(out)
         final.parent.mkdir(parents=True, exist_ok=True)
         move_into_place(self.path, final)
         return final
 
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
-
-__all__ = ["BlockStore", "MANIFEST_FILE", "check_fingerprint", "REST_FILES", "STATE_FILE", "default_state_dir"]
+__all__ = ["BlockStore", "MANIFEST_FILE", "REST_FILES", "STATE_FILE", "default_state_dir"]

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import UsageError
+from ..settings import OneOf
 
 INDEX_KEY = "sparse_expansion.index"
 COMPRESSED_WEIGHTS_FILE = "model.compressed.safetensors"
@@ -89,14 +90,14 @@ def encoded_sizes(tensor: torch.Tensor) -> dict[str, int]:
 
 
 WEIGHT_FORMATS = ("auto", "compressed", "dense")
+WEIGHT_FORMAT = OneOf(WEIGHT_FORMATS)  # the check of a `format` setting
 # weight format -> (encodings allowed per tensor, entropy-coded byte planes)
 ENCODINGS = {"compressed": (("dense", "bitmask", "csr"), True), "dense": (("dense",), False)}
 
 
 def resolve_weight_format(state: dict[str, torch.Tensor], requested: str) -> str:
     """`dense` or `compressed`; `auto` picks compressed whenever that is smaller than dense."""
-    if requested not in WEIGHT_FORMATS:
-        raise UsageError(f"unknown --format {requested!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    WEIGHT_FORMAT("format", requested)
     if requested != "auto":
         return requested
     sizes = [encoded_sizes(t) for t in state.values()]

@@ -4,13 +4,16 @@ from . import expert_linear, linear, router, selective_linear, semi_structured, 
 from .expert_linear import ROUTERS_ATTR, ExpertLinear, clear_router_memos
 from .protocol import (
                AccelerateContext,
+               Converter,
                LayerKind,
+               converters,
                is_linear,
                kind_named,
                kind_of,
                kinds,
                linear_weight,
                register,
+               register_converter,
                set_linear_weight,
 )
 from .router import Router
@@ -19,6 +22,7 @@ from .sparse_linear import CSRWeight, SparseLinear
 from .switch import SwitchCache
 from .thresholded_linear import ThresholdedLinear
 
-__all__ = ["AccelerateContext", "CSRWeight", "ExpertLinear", "LayerKind", "ROUTERS_ATTR", "Router",
+__all__ = ["AccelerateContext", "CSRWeight", "Converter", "ExpertLinear", "LayerKind", "ROUTERS_ATTR", "Router",
            "SelectiveExpertLinear", "SparseLinear", "SwitchCache", "ThresholdedLinear", "clear_router_memos",
-           "is_linear", "kind_named", "kind_of", "kinds", "linear_weight", "register", "set_linear_weight"]
+           "converters", "is_linear", "kind_named", "kind_of", "kinds", "linear_weight", "register",
+           "register_converter", "set_linear_weight"]

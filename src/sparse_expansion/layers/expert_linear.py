@@ -158,6 +158,7 @@ class ExpertLinearKind(LayerKind):
     name = "expert_linear"
     types = (ExpertLinear,)
     linear = True
+    routed = True
 
     def weight(self, module: ExpertLinear) -> torch.Tensor:
         if module.compacted:  # decoded: a compact layer keeps no dense stack
@@ -212,6 +213,9 @@ class ExpertLinearKind(LayerKind):
             return module
         module.expert_kernels = csr_copies(module.weight, context)
         return module
+
+    def fast_paths(self, module: ExpertLinear) -> list:
+        return [k for k in module.expert_kernels or [] if k is not None]
 
     def compact(self, module: ExpertLinear) -> ExpertLinear:
         module.compact()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
+from .protocol import AccelerateContext, LayerKind, converters, register, tensor_bytes
 
 
 def nonzero_flops(weight: torch.Tensor) -> float:
@@ -17,9 +17,6 @@ class LinearKind(LayerKind):
     name = "linear"
     types = (nn.Linear,)
     linear = True
-    # Faster forms of a plain linear layer, tried in order; each returns the new module or None where it
-    # does not apply (the CPU CSR kernel in sparse_linear.py, the GPU 2:4 product in semi_structured.py).
-    converters: list = []
 
     def flops_per_token(self, module: nn.Module) -> float:
         return nonzero_flops(module.weight)
@@ -30,8 +27,10 @@ class LinearKind(LayerKind):
     def accelerate(self, module: nn.Module, context: AccelerateContext) -> nn.Module:
         if type(module) is not nn.Linear or context.mode == "off":
             return module
-        for convert in self.converters:
-            converted = convert(module, context)
+        # Faster forms of a plain linear layer, registered for this kind with their priorities (the CPU CSR
+        # kernel in sparse_linear.py, the GPU 2:4 product in semi_structured.py): the first that applies wins.
+        for converter in converters(self.name):
+            converted = converter.convert(module, context)
             if converted is not None:
                 return converted
         return module

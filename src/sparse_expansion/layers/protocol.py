@@ -4,7 +4,9 @@
   rebuilt (`rebuild`: an empty module of the right shapes whose tensors the state dict then fills);
 - what one token costs: `flops_per_token` (2 per multiply-add actually computed: non-zero weights only, as an
   ideal sparse kernel does) and `bytes_per_token` (weight bytes read to process one token);
-- how it switches to a faster kernel (`accelerate`: returns the module to use instead, or the module itself);
+- how it switches to a faster kernel (`accelerate`: returns the module to use instead, or the module itself;
+  a kind may try the converters registered for it, in priority order) and which accelerated copies it then
+  holds (`fast_paths`: each with its measured switch);
 - for linear kinds, its weight as an (out_features, in_features) matrix (or a stack of them).
 
 Discovery, costs, storage, inference and the benchmarks ask the registry (`kind_of`) instead of checking
@@ -34,6 +36,7 @@ class LayerKind:
     types: tuple[type, ...] = ()
     linear: bool = False  # a linear map that discovery treats as a linear layer (prunable, costed)
     router: bool = False  # routing overhead of the FFN (costed with it)
+    routed: bool = False  # a stack of expert matrices, one of which each token goes through
     priority: int = 0  # kinds with a higher priority are matched first (subclasses before their bases)
 
     def matches(self, module: nn.Module) -> bool:
@@ -73,12 +76,29 @@ class LayerKind:
     def accelerate(self, module: nn.Module, context: AccelerateContext) -> nn.Module:
         return module
 
+    def fast_paths(self, module: nn.Module) -> list:
+        """The accelerated copies the layer holds (each a `Switched`, layers/switch.py: it decides per token
+        count between the copy and the dense product): what `accelerate` switched. Default: none."""
+        return []
+
     def compact(self, module: nn.Module) -> nn.Module:
         """Hold the layer in its compressed form only (inference; no dense copy kept). Default: as it is."""
         return module
 
 
+@dataclass(frozen=True)
+class Converter:
+    """A faster form of the layers of one kind: `convert(module, context)` returns the module to use instead,
+    or None where it does not apply. A kind tries its converters from the highest priority down."""
+
+    name: str
+    source: str  # the name of the kind whose layers it converts
+    priority: int
+    convert: Callable[[nn.Module, AccelerateContext], nn.Module | None]
+
+
 _REGISTRY: dict[str, LayerKind] = {}
+_CONVERTERS: dict[str, Converter] = {}
 
 
 def register(kind: LayerKind) -> LayerKind:
@@ -90,6 +110,26 @@ def register(kind: LayerKind) -> LayerKind:
 
 def kinds() -> list[LayerKind]:
     return sorted(_REGISTRY.values(), key=lambda k: -k.priority)
+
+
+def register_converter(source: str, name: str, convert: Callable[[nn.Module, AccelerateContext], nn.Module | None],
+                       priority: int) -> Converter:
+    """Register a faster form for `source` layers. Priorities are explicit and distinct per source, so the
+    order in which converters are tried never depends on the order in which their modules were imported."""
+    if name in _CONVERTERS:
+        raise ValueError(f"converter {name!r} registered twice")
+    for other in _CONVERTERS.values():
+        if other.source == source and other.priority == priority:
+            raise ValueError(f"converters {other.name!r} and {name!r} of {source!r} layers both have priority "
+                             f"{priority}: give them distinct priorities")
+    converter = Converter(name, source, priority, convert)
+    _CONVERTERS[name] = converter
+    return converter
+
+
+def converters(source: str) -> list[Converter]:
+    """The converters of `source` layers, highest priority first (the order a kind tries them in)."""
+    return sorted((c for c in _CONVERTERS.values() if c.source == source), key=lambda c: -c.priority)
 
 
 def kind_named(name: str) -> LayerKind:

@@ -95,6 +95,7 @@ class SelectiveExpertLinearKind(LayerKind):
     name = "selective_expert_linear"
     types = (SelectiveExpertLinear,)
     linear = True
+    routed = True
 
     def weight(self, module: SelectiveExpertLinear) -> torch.Tensor:
         """(experts, out_features, in_features), materialised (a copy: write back with `set_weight`)."""
@@ -151,6 +152,9 @@ class SelectiveExpertLinearKind(LayerKind):
         module.shared_kernel = prepare_csr(shared, context) if shared.numel() and csr_candidate(shared) else None
         module.expert_kernels = csr_copies(module.expert_weight, context)
         return module
+
+    def fast_paths(self, module: SelectiveExpertLinear) -> list:
+        return [k for k in (module.shared_kernel, *(module.expert_kernels or [])) if k is not None]
 
 
 register(SelectiveExpertLinearKind())

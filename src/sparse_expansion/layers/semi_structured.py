@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import AcceleratedLinearKind, LinearKind
-from .protocol import AccelerateContext, register, tensor_bytes
+from .protocol import AccelerateContext, register, register_converter, tensor_bytes
 from .switch import ALWAYS, Switched
 
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
@@ -104,6 +104,11 @@ class SemiStructuredKind(AcceleratedLinearKind):
             return float(weight.numel() // 2 * weight.element_size() + weight.numel() // 8 + tensor_bytes(module.bias))
         return float(tensor_bytes(module.weight, module.bias))
 
+    def fast_paths(self, module: SemiStructuredLinear) -> list:
+        return [module]  # the layer holds its own switch
+
+
+SEMI_STRUCTURED_CONVERTER_PRIORITY = 10  # after the CPU CSR form (sparse_linear.py, 20)
 
 register(SemiStructuredKind())
-LinearKind.converters.append(to_semi_structured)
+register_converter(LinearKind.name, "semi_structured", to_semi_structured, priority=SEMI_STRUCTURED_CONVERTER_PRIORITY)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..kernels import native
 from .linear import AcceleratedLinearKind, LinearKind
-from .protocol import AccelerateContext, register, tensor_bytes
+from .protocol import AccelerateContext, register, register_converter, tensor_bytes
 from .switch import ALWAYS, SWITCH_BATCH_SIZES, SwitchCache, Switched
 
 MIN_SPARSITY = 0.2  # below this a CSR product cannot beat dense (bench --kernel: 1.0x at 30%)
@@ -162,6 +162,13 @@ class SparseLinearKind(AcceleratedLinearKind):
     def bytes_per_token(self, module: SparseLinear) -> float:
         return float(module.csr.bytes_at_one_token(module.weight) + tensor_bytes(module.bias))
 
+    def fast_paths(self, module: SparseLinear) -> list:
+        return [module.csr]
+
+
+# Tried before the GPU 2:4 form (semi_structured.py, priority 10), as it always was; the two never both apply
+# (fp32 on the CPU here, fp16/bf16 on CUDA there).
+CSR_CONVERTER_PRIORITY = 20
 
 register(SparseLinearKind())
-LinearKind.converters.append(to_sparse_linear)
+register_converter(LinearKind.name, "csr", to_sparse_linear, priority=CSR_CONVERTER_PRIORITY)

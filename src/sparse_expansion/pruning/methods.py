@@ -15,16 +15,23 @@ import torch
 
 from ..calibration.observers import Hessian, InputSquaredNorm
 from ..errors import UsageError
+from ..settings import AtLeast, Positive, SettingError, check_fields, setting
 from .masks import lowest_mask
+from .quantization import BITS
 from .sparsegpt import hessian_factors, sparsegpt_prune
-from .spec import SparsitySpec
+from .spec import SPARSITY, SparsitySpec
 
 
 @dataclass(frozen=True)
 class PruneOptions:
-    bits: int | None = None  # joint quantization (SparseGPT only)
-    blocksize: int = 128
-    percdamp: float = 0.01
+    """How a layer is pruned, whatever the target sparsity (checked on construction)."""
+
+    bits: int | None = setting(None, "quantize jointly to B bits (sparsegpt only, 2..8)", BITS, metavar="B")
+    blocksize: int = setting(128, "SparseGPT column block size", AtLeast(1))
+    percdamp: float = setting(0.01, "SparseGPT dampening, fraction of mean diag(H)", Positive())
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def magnitude_prune(weight: torch.Tensor, statistic, spec: SparsitySpec, options: PruneOptions) -> torch.Tensor:
@@ -73,11 +80,31 @@ METHODS: dict[str, PruningMethod] = {
 }
 
 
+@dataclass(frozen=True)
+class PruneSettings:
+    """What one prune or expand run aims at: a method and a sparsity or an N:M pattern (checked on construction)."""
+
+    method: str = setting("sparsegpt", "pruning method", choices=lambda: list(METHODS))
+    sparsity: float | None = setting(None, "fraction of weights to zero, in [0, 1)", SPARSITY)
+    nm: str | None = setting(None, "N:M pattern instead of sparsity, e.g. 2:4 (2 of every 4 zeroed)")
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.nm is not None:
+            spec = SparsitySpec.create(nm=self.nm)
+            if self.sparsity is not None:
+                raise SettingError("nm", f"give either {{sparsity}} or {{nm}}, not both ({{nm}} {self.nm} zeroes "
+                                   f"{spec.sparsity:.0%} of the weights)")
+
+    def spec(self) -> SparsitySpec:
+        return SparsitySpec.create(sparsity=self.sparsity, nm=self.nm)
+
+
 def get_method(name: str, bits: int | None = None) -> PruningMethod:
     try:
         method = METHODS[name]
     except KeyError:
         raise UsageError(f"unknown pruning method {name!r}; choose one of {', '.join(METHODS)}") from None
     if bits is not None and not method.supports_bits:
-        raise UsageError(f"--bits (joint quantization) is only supported with sparsegpt, not {name}")
+        raise SettingError("bits", f"{{bits}} (joint quantization) is only supported with sparsegpt, not {name}")
     return method

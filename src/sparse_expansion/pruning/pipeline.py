@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..calibration import SequentialCalibration, Step, Watch
+from ..calibration import BlockHooks, SequentialCalibration, Step, Watch
 from ..models.discovery import ModelLayout, linear_weight, set_linear_weight
 from .masks import check_nm_shape
 from .methods import PruneOptions, PruningMethod
@@ -105,11 +105,11 @@ class PruneStep(Step):
 def prune_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor | None, method: PruningMethod,
                 spec: SparsitySpec, scope: str = "ffn", options: PruneOptions | None = None,
                 device: torch.device | str = "cpu", batch_size: int = 8, progress: bool = True,
-                engine_options: dict | None = None, rows: dict[str, torch.Tensor] | None = None,
-                report: PruneReport | None = None) -> PruneReport:
+                hooks: BlockHooks | None = None, offload_dir: str | None = None,
+                rows: dict[str, torch.Tensor] | None = None, report: PruneReport | None = None) -> PruneReport:
     """Prune the selected linears of every block in place and report the measured sparsity per layer.
 
-    `engine_options` go to `SequentialCalibration.run` (reduce, after_block, stop_after). `rows` (layer path
+    `hooks` and `offload_dir` go to the engine (calibration/engine.py). `rows` (layer path
     -> output row indices) prunes only those rows of those layers (the neuron ablation); the layers'
     reported sparsity is then that of the pruned rows. `report`: one to fill (e.g. holding the layers of
     blocks restored by a resumed run), else a new one.
@@ -136,8 +136,7 @@ def prune_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor | N
         return report
 
     engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=progress,
-                                   desc=method.name)
-    engine.run(windows, PruneStep(layout, method, spec, scope, options, device, report, rows),
-               **(engine_options or {}))
+                                   desc=method.name, hooks=hooks, offload_dir=offload_dir)
+    engine.run(windows, PruneStep(layout, method, spec, scope, options, device, report, rows))
     report.seconds = time.perf_counter() - start
     return report

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
+from ..settings import Interval
+
+BITS = Interval(2, 8, closed_low=True, what="a bit width")
+
 
 
 class ChannelQuantizer:
@@ -14,8 +17,7 @@ class ChannelQuantizer:
     """
 
     def __init__(self, bits: int):
-        if not 2 <= bits <= 8:
-            raise UsageError(f"--bits must be between 2 and 8, got {bits}")
+        BITS("bits", bits)
         self.bits = bits
         self.maxq = 2**bits - 1
         self.scale: torch.Tensor | None = None

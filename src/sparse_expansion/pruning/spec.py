@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..settings import Interval, SettingError
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,12 @@ class SparsitySpec:
             n, m = parse_nm(nm)
             return cls(sparsity=n / m, n=n, m=m)
         if sparsity is None:
-            raise UsageError("give --sparsity S (0 <= S < 1) or --nm N:M")
-        return cls(sparsity=check_sparsity(sparsity))
+            raise SettingError("sparsity", "give {sparsity} S (0 <= S < 1) or {nm} N:M")
+        SPARSITY("sparsity", sparsity)
+        return cls(sparsity=float(sparsity))
 
 
-def check_sparsity(value: float) -> float:
-    if not 0.0 <= value < 1.0:
-        raise UsageError(f"sparsity must be in [0, 1), got {value}")
-    return float(value)
+SPARSITY = Interval(0, 1, closed_low=True, open_high=True)
 
 
 def parse_nm(text: str) -> tuple[int, int]:

@@ -1,62 +1,62 @@
 """Train a small Llama-style decoder (gated FFN, ReLU/SiLU/GELU) from scratch on token windows, saving
 checkpoints at intervals; an interrupted run resumes from its last checkpoint.
 
-A run directory holds `run.json` (the configuration) and `ckpt-NNNNNN/` folders, each with `model.safetensors`
-(the weights), `optimizer.safetensors` (AdamW's moments) and `state.json` (step, tokens seen, loss, the data
-generator's position). Checkpoints are written to a temporary folder and renamed, so a kill leaves the previous
-one intact.
+A run directory (io/state_dir.py) holds `run.json` (the configuration, as the fingerprint) and `ckpt-NNNNNN/`
+folders, each with `model.safetensors` (the weights), `optimizer.safetensors` (the optimizer's `state_dict()`: its
+tensors, and the rest as JSON in the file's metadata) and `state.json` (step, tokens seen, loss, seconds).
+Checkpoints are written to a temporary folder and renamed, so a kill leaves the previous one intact.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..io import atomic_output_dir, atomic_write_text
+from ..io.state_dir import StateDir
+from ..settings import AtLeast, Positive, SettingError, check_fields, setting
 
 ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu": "gelu_pytorch_tanh"}
 RUN_FILE = "run.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    activation: str = "relu"
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    ffn_ratio: float = 2.5  # d_f / d_h, as the paper's models
-    vocab: int = 8192  # the most frequent tokens of the corpus (the rest map to one id)
-    seqlen: int = 128
-    batch: int = 16
-    steps: int = 1500
-    checkpoint_every: int = 150
-    lr: float = 3e-3
-    warmup: int = 50
-    weight_decay: float = 0.1
-    seed: int = 0
+    """One small decoder trained from scratch (checked on construction)."""
+
+    activation: str = setting("relu", "activation of the FFN", choices=tuple(ACTIVATIONS), cli=False)
+    hidden: int = setting(128, "hidden size", AtLeast(1))
+    layers: int = setting(4, "decoder layers", AtLeast(1))
+    heads: int = setting(4, "attention heads", AtLeast(1))
+    ffn_ratio: float = setting(2.5, "FFN width over hidden size (d_f / d_h, as the paper's models)", Positive())
+    vocab: int = setting(8192, "most frequent corpus tokens kept (the rest map to one id)", AtLeast(1))
+    seqlen: int = setting(128, "tokens per training window", AtLeast(2))
+    batch: int = setting(16, "windows per step", AtLeast(1))
+    steps: int = setting(600, "training steps of each main run", AtLeast(1))
+    checkpoint_every: int = setting(60, "steps between checkpoints (each measured)", AtLeast(1))
+    lr: float = setting(3e-3, "peak learning rate (AdamW)", Positive())
+    warmup: int = setting(50, "linear warm-up steps", AtLeast(0))
+    weight_decay: float = setting(0.1, "AdamW weight decay", AtLeast(0))
+    seed: int = setting(0, "seed of the initialisation and the batches")
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.hidden % self.heads:
+            raise SettingError("hidden", f"{{hidden}} {self.hidden} is not divisible by {self.heads} heads")
 
     def validate(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise UsageError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
-        for name in ("hidden", "layers", "heads", "vocab", "seqlen", "batch", "steps", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.hidden % self.heads:
-            raise UsageError(f"--hidden {self.hidden} is not divisible by {self.heads} heads")
-        if self.seqlen < 2:
-            raise UsageError("--seqlen must be at least 2 (a token and the next one to predict)")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be positive, got {self.lr:g}")
+        """Checked on construction; kept for callers that check a config explicitly."""
+        check_fields(self)
 
     @property
     def intermediate(self) -> int:
@@ -99,25 +99,42 @@ def checkpoints(run: Path) -> list[Path]:
     return sorted(p for p in run.glob("ckpt-*") if (p / "state.json").is_file())
 
 
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """`optimizer.state_dict()` without pickle: its tensors as `state.<param index>.<name>` in a safetensors file,
+    the rest (the other per-parameter values, the parameter groups) as JSON in the file's metadata."""
+    saved = optimizer.state_dict()
+    tensors, values = {}, {}
+    for index, slot in saved["state"].items():
+        for name, value in slot.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                values.setdefault(str(index), {})[name] = value
+    rest = {"state": values, "param_groups": saved["param_groups"]}
+    save_file(tensors, path, metadata={"optimizer": json.dumps(rest)})
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """The inverse of `save_optimizer`: `optimizer.load_state_dict` of what it wrote."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if "optimizer" not in metadata:
+            raise UsageError(f"{path} holds no optimizer state; delete its checkpoint to resume from the one before")
+        rest = json.loads(metadata["optimizer"])
+        state = {int(index): dict(slot) for index, slot in rest["state"].items()}
+        for key in handle.keys():
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = handle.get_tensor(key)
+    optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
 def _save_checkpoint(run: Path, model, optimizer, state: dict) -> Path:
     final = run / f"ckpt-{state['step']:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=run))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-              tmp / "model.safetensors")
-    moments = {}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            slot = optimizer.state.get(p)
-            if slot:
-                moments[f"{names[id(p)]}.exp_avg"] = slot["exp_avg"].cpu().contiguous()
-                moments[f"{names[id(p)]}.exp_avg_sq"] = slot["exp_avg_sq"].cpu().contiguous()
-                state.setdefault("adam_step", float(slot["step"]))
-    save_file(moments, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_output_dir(final, overwrite=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                   if k != "lm_head.weight"}, tmp / "model.safetensors")
+        save_optimizer(optimizer, tmp / OPTIMIZER_FILE)
+        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     return final
 
 
@@ -128,27 +145,15 @@ def load_weights(model, checkpoint: Path) -> None:
 
 
 def _resume(model, optimizer, checkpoint: Path) -> dict:
+    """Weights and optimizer state (on the model's device) from `checkpoint`; returns its state."""
     load_weights(model, checkpoint)
-    moments = load_file(checkpoint / "optimizer.safetensors")
-    state = json.loads((checkpoint / "state.json").read_text())
-    for name, p in model.named_parameters():
-        if f"{name}.exp_avg" in moments:
-            optimizer.state[p] = {"step": torch.tensor(state["adam_step"]), "exp_avg": moments[f"{name}.exp_avg"],
-                                  "exp_avg_sq": moments[f"{name}.exp_avg_sq"]}
-    return state
+    load_optimizer(optimizer, checkpoint / OPTIMIZER_FILE)
+    return json.loads((checkpoint / "state.json").read_text())
 
 
-def open_run(run: Path, config: TrainConfig) -> None:
-    """Create the run directory, or accept an existing one that holds this very configuration."""
-    file = run / RUN_FILE
-    if file.is_file():
-        if json.loads(file.read_text()) != asdict(config):
-            raise UsageError(f"{run} holds a run with another configuration; choose another --out")
-        return
-    if run.exists() and (not run.is_dir() or any(run.iterdir())):
-        raise UsageError(f"{run} exists and is not a training run (no {RUN_FILE}); choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(asdict(config), indent=1))
+def open_run(run: Path, config: TrainConfig) -> StateDir:
+    """Create the run directory, or reopen one that holds this very configuration."""
+    return StateDir(run, asdict(config), resume=None, file=RUN_FILE, what="training run")
 
 
 def train(run: Path, config: TrainConfig, tokens: torch.Tensor, progress: bool = True,
@@ -162,16 +167,11 @@ def train(run: Path, config: TrainConfig, tokens: torch.Tensor, progress: bool =
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": other, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
-    state = {"step": 0, "tokens": 0}
-    existing = checkpoints(run)
-    if existing:
-        state = _resume(model, optimizer, existing[-1])
-    if state["step"] >= config.steps:
-        return checkpoints(run)
     model.to(device)
-    for slot in optimizer.state.values():
-        for key in ("exp_avg", "exp_avg_sq"):
-            slot[key] = slot[key].to(device)
+    existing = checkpoints(run)
+    state = _resume(model, optimizer, existing[-1]) if existing else {"step": 0, "tokens": 0}
+    if state["step"] >= config.steps:
+        return existing
     generator = torch.Generator().manual_seed(config.seed)
     span = tokens.numel() - config.seqlen - 1
     for _ in range(state["step"]):  # the same batches as an uninterrupted run

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from ..activation.thresholds import (
-    check_ppl_increase,
     collect_intermediate,
     global_threshold_rule,
     install_thresholds,
@@ -17,7 +16,6 @@ from ..activation.thresholds import (
     thresholded,
     top_k_rule,
 )
-from ..errors import UsageError
 from .jobs import evaluate
 from .session import Session
 
@@ -29,10 +27,8 @@ def run_activations(session: Session, increase: float = 0.01, max_tokens: int = 
                     iterations: int = 14, install: bool = False, baselines: bool = False) -> dict:
     """Thresholds from the calibration windows' intermediate activations; the CETT searched so that perplexity on
     the test windows rises by `increase`; the result measured with those thresholds applied. With `install`, the
-    model's down projections become `ThresholdedLinear` layers with the chosen thresholds (for saving)."""
-    check_ppl_increase(increase)
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    model's down projections become `ThresholdedLinear` layers with the chosen thresholds (for saving).
+    `increase` and `max_tokens` come checked from ActivationSettings (workflow/settings.py)."""
     s = session.settings
     activations = collect_intermediate(session.model, session.layout, session.calibration(), max_tokens, s.seed,
                                        s.device, s.batch_size, progress=not s.quiet)

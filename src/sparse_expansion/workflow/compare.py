@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,18 @@ from pathlib import Path
 from .. import distributed
 from ..errors import UsageError
 from ..expansion import ExpansionConfig, ExpansionReport
-from ..io import atomic_write_text
-from ..io.block_store import STATE_FILE, BlockStore, check_fingerprint
+from ..io import atomic_write_text, check_output_path
+from ..io.block_store import BlockStore, default_state_dir
+from ..io.state_dir import StateDir
 from ..models import discover, ffn_costs
 from ..pruning import METHODS, PruneOptions, PruneReport, SparsitySpec, get_method
+from ..pruning.methods import PruneSettings
+from .build import fingerprint
 from .jobs import evaluate, expand_session_model, prune_session_model
-from .session import Session
-from .streamed import build_streamed, open_store
+from .report import markdown_report
+from .session import RunSettings, Session, open_session
+from .settings import CompareSettings, OutputSettings
+from .streamed import build_streamed
 
 EXPANSION = "sparse-expansion"
 
@@ -37,7 +44,7 @@ class Technique:
     supports_bits: bool
     scope: str | None  # the linears it touches when fixed ("ffn"), else None: the session's --scope
     per_experts: bool = False  # one run per expert count
-    # (session, model, spec, options, experts, expansion config[, engine options, report]) -> report with
+    # (session, model, spec, options, experts, expansion config[, engine hooks, report]) -> report with
     # .seconds and .overall_sparsity()
     apply: Callable | None = None
     # (session, spec, experts, expansion config) -> an empty report of the kind `apply` fills
@@ -45,8 +52,8 @@ class Technique:
 
 
 def _prune(name: str) -> Callable:
-    def apply(session, model, spec, options, experts, config, engine_options=None, report=None):
-        return prune_session_model(session, model, name, spec, options, engine_options, report)
+    def apply(session, model, spec, options, experts, config, hooks=None, report=None):
+        return prune_session_model(session, model, name, spec, options, hooks, report)
     return apply
 
 
@@ -54,73 +61,42 @@ def _prune_report(name: str) -> Callable:
     return lambda session, spec, experts, config: PruneReport(method=name, spec=spec, scope=session.settings.scope)
 
 
-def _expand(session, model, spec, options, experts, config, engine_options=None, report=None):
+def _expand(session, model, spec, options, experts, config, hooks=None, report=None):
     config = dataclasses.replace(config, experts=experts)
-    return expand_session_model(session, model, spec, options, config, engine_options, report=report)
+    return expand_session_model(session, model, spec, options, config, hooks, report=report)
 
 
 def _expand_report(session, spec, experts, config):
     return ExpansionReport(spec=spec, config=dataclasses.replace(config, experts=experts))
 
 
-class CompareState:
+class CompareState(StateDir):
     """compare's state directory: the finished rows (`rows.json`, rewritten atomically after each job) and the
     blocks of the job in progress (`job-NNN/`, io/block_store.py). `--resume DIR` reuses the rows and
-    continues the job in progress after its last saved block."""
+    continues the job in progress after its last saved block. Rank 0 checks (or creates) it first."""
 
     ROWS = "rows.json"
 
     def __init__(self, path: str | Path, fingerprint: dict, resume: bool):
-        """Rank 0 checks (or creates) the directory; the other ranks then read what it holds."""
-        self.path = Path(path)
-        self.fingerprint = json.loads(json.dumps(fingerprint))
-        self.rows = []
-        if distributed.is_main():
-            if resume:
-                self.rows = self._read()
-            elif self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-                raise UsageError(f"{self.path} already holds an interrupted compare; pass --resume {self.path} to "
-                                 "continue it, or delete it")
-            else:
-                self.path.mkdir(parents=True, exist_ok=True)
-                self._write()
-        distributed.barrier()
-        if not distributed.is_main():
-            self.rows = self._read()
+        super().__init__(path, fingerprint, resume, file=self.ROWS, what="compare", initial={"rows": []})
 
-    def _read(self) -> list[dict]:
-        file = self.path / self.ROWS
-        if not file.is_file():
-            raise UsageError(f"--resume {self.path}: no interrupted compare there (no {self.ROWS})")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{file} is not valid JSON: {exc}") from None
-        check_fingerprint(data.get("fingerprint"), self.fingerprint, self.path)
-        return data.get("rows", [])
-
-    def _write(self) -> None:
-        atomic_write_text(self.path / self.ROWS, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows},
-                                                            indent=1) + "\n")
+    @property
+    def rows(self) -> list[dict]:
+        return self.state["rows"]
 
     def job_store(self, index: int, description: dict) -> BlockStore:
-        path = self.path / f"job-{index:03d}"
-        return open_store(path, description, resume=(path / STATE_FILE).is_file())
+        return BlockStore(self.path / f"job-{index:03d}", description, resume=None)
 
     def add_row(self, index: int, row: dict) -> None:
         self.rows.append(row)
+        self.save()
         if distributed.is_main():
-            self._write()
             shutil.rmtree(self.path / f"job-{index:03d}", ignore_errors=True)
         distributed.barrier()
 
     def has_progress(self) -> bool:
         """Rows or saved blocks that a resumed run would reuse."""
         return bool(self.rows) or any(self.path.glob("job-*"))
-
-    def discard(self) -> None:
-        if distributed.is_main():
-            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def techniques() -> dict[str, Technique]:
@@ -152,7 +128,7 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
     for t in chosen:
         if t.per_experts:
             for k in experts:
-                dataclasses.replace(expansion, experts=k).validate()
+                dataclasses.replace(expansion, experts=k)  # checked on construction
         elif options.bits is not None and t.apply is not None and not t.supports_bits:
             get_method(t.name, options.bits)  # the registry's one-line error
     s = session.settings
@@ -178,8 +154,8 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
         if t.apply is not None:
             if state is not None and t.uses_data:  # every block saved, a resumed job continues after the last
                 store = state.job_store(index, {"job": index, "method": t.name, "spec": spec.label, "experts": k})
-                report = build_streamed(session, store, lambda m, engine_options, rep: t.apply(
-                    session, m, spec, options, k, expansion, engine_options, rep),
+                report = build_streamed(session, store, lambda m, hooks, rep: t.apply(
+                    session, m, spec, options, k, expansion, hooks, rep),
                     t.new_report(session, spec, k, expansion), "dense", keep_model=True, model=model)
             else:
                 report = t.apply(session, model, spec, options, k, expansion)
@@ -205,3 +181,46 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
         if model is not session.model:
             del model
     return rows
+
+
+def report_path(compare_settings: CompareSettings, output: OutputSettings) -> str | None:
+    """The Markdown report: as given, else next to the JSON."""
+    if compare_settings.report:
+        return compare_settings.report
+    return os.path.splitext(output.json)[0] + ".md" if output.json else None
+
+
+def run_compare(settings: RunSettings, compare_settings: CompareSettings, target: PruneSettings,
+                options: PruneOptions, expansion: ExpansionConfig, output: OutputSettings,
+                command_line: str = "") -> tuple[Session, list[dict]]:
+    """compare as a job: check the outputs, keep a resumable state directory when there is a JSON or a `resume`,
+    run every job, write the JSON and the Markdown report (rank 0), and drop the state."""
+    specs = ([SparsitySpec.create(nm=target.nm)] if target.nm else
+             [SparsitySpec.create(sparsity=s) for s in compare_settings.sparsities])
+    markdown = report_path(compare_settings, output)
+    for path in (output.json, markdown):
+        if path:
+            check_output_path(path, overwrite=True)
+    state = None
+    if output.resume or output.json:
+        fp = fingerprint(settings, compare_settings, target, options, expansion)
+        state = CompareState(output.resume or default_state_dir(output.json), fp, bool(output.resume))
+    try:
+        session = open_session(settings)
+        rows = compare(session, list(compare_settings.methods), specs, options, experts=list(compare_settings.experts),
+                       expansion=expansion, state=state)
+    except BaseException:
+        if state is not None and not state.has_progress():
+            state.discard()  # nothing worth resuming
+        elif state is not None:
+            print(f"sparse-expansion: state kept for --resume {state.path}", file=sys.stderr)
+        raise
+    if output.json:
+        payload = {"settings": session.settings.describe(), "model": session.loaded.source,
+                   "data": session.data_summary(), "results": rows}
+        distributed.on_main(atomic_write_text, output.json, json.dumps(payload, indent=2) + "\n")
+    if markdown:
+        distributed.on_main(atomic_write_text, markdown, markdown_report(session, rows, command_line))
+    if state is not None:
+        state.discard()
+    return session, rows

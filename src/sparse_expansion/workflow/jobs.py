@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..analysis.wasserstein import wasserstein_to_gaussian
+from ..calibration import BlockHooks
 from ..evaluation import perplexity
 from ..expansion import ExpansionConfig, ExpansionReport, RowScores, expand_model
 from ..models import discover
@@ -17,37 +18,29 @@ from .session import Session
 SCORE_CHUNK_ELEMENTS = 1 << 24  # neuron outputs scored at a time (tokens x neurons): bounds the memory
 
 
-def _engine_options(session: Session, engine_options: dict | None) -> dict:
-    options = dict(engine_options or {})
-    if session.settings.offload_dir and "offload_dir" not in options:
-        options["offload_dir"] = session.settings.offload_dir
-    return options
-
-
 def prune_session_model(session: Session, model, method_name: str, spec: SparsitySpec,
-                        options: PruneOptions, engine_options: dict | None = None,
+                        options: PruneOptions, hooks: BlockHooks | None = None,
                         report: PruneReport | None = None) -> PruneReport:
     method = get_method(method_name, options.bits)
     s = session.settings
     windows = session.calibration() if method.statistic is not None else None
     return prune_model(model, discover(model), windows, method, spec, scope=s.scope, options=options,
                        device=s.device, batch_size=s.batch_size, progress=not s.quiet,
-                       engine_options=_engine_options(session, engine_options), report=report)
+                       hooks=hooks, offload_dir=s.offload_dir, report=report)
 
 
 def expand_session_model(session: Session, model, spec: SparsitySpec, options: PruneOptions,
-                         config: ExpansionConfig, engine_options: dict | None = None,
+                         config: ExpansionConfig, hooks: BlockHooks | None = None,
                          row_scores: RowScores | None = None, report: ExpansionReport | None = None
                          ) -> ExpansionReport:
     """Expand the model on the session's calibration data. A selective expansion ranks rows by `row_scores`,
     by default the Wasserstein distance of each neuron's calibration outputs to a Gaussian."""
     s = session.settings
-    config.validate()
     if config.selective is not None and row_scores is None:
         row_scores = wasserstein_row_scores
     return expand_model(model, discover(model), session.calibration(), spec, config, options=options,
                         device=s.device, batch_size=s.batch_size, progress=not s.quiet,
-                        engine_options=_engine_options(session, engine_options), row_scores=row_scores, report=report)
+                        hooks=hooks, offload_dir=s.offload_dir, row_scores=row_scores, report=report)
 
 
 def wasserstein_row_scores(path: str, weight: torch.Tensor, inputs: torch.Tensor,

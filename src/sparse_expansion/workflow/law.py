@@ -10,30 +10,20 @@ from pathlib import Path
 
 import torch
 
-from ..activation.thresholds import check_ppl_increase
 from ..data import load_corpus
 from ..data.windows import tokenize
 from ..errors import UsageError
-from ..io import atomic_write_text, check_output_path
+from ..io import atomic_write_text
+from ..io.state_dir import StateDir
 from ..training.law import fit_law, run_law_measurements
 from ..training.trainer import TrainConfig, compact_vocabulary, train
 
 STUDY_FILE = "study.json"
 
 
-def _open_study(out: Path, settings: dict) -> None:
-    file = out / STUDY_FILE
-    check_output_path(out, overwrite=True)  # its nearest existing ancestor is a directory
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a directory; choose another --out")
-    if out.exists() and not file.is_file() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not a law study (no {STUDY_FILE}); choose another --out")
-    if file.is_file():
-        if json.loads(file.read_text()) != settings:
-            raise UsageError(f"{out} holds a study with other settings; choose another --out or the same options")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(file, json.dumps(settings, indent=1))
+def _open_study(out: Path, settings: dict) -> StateDir:
+    """Create the study directory, or reopen one that holds these very settings."""
+    return StateDir(out, settings, resume=None, file=STUDY_FILE, what="law study")
 
 
 def _data(config: TrainConfig, valid_windows: int, calib_windows: int, seed: int):
@@ -61,11 +51,8 @@ def _data(config: TrainConfig, valid_windows: int, calib_windows: int, seed: int
 def run_law(out: str, base: TrainConfig, activations: list[str], width_depth: list[tuple[int, int]],
             sweep_steps: int, increase: float = 0.01, valid_windows: int = 32, calib_windows: int = 16,
             progress: bool = True, device: str = "cpu") -> dict:
-    check_ppl_increase(increase)
-    if sweep_steps < 1:
-        raise UsageError(f"--sweep-steps must be at least 1, got {sweep_steps}")
-    if valid_windows < 1:
-        raise UsageError(f"--valid-windows must be at least 1, got {valid_windows}")
+    """The study under `out`; `sweep_steps`, `increase` and `valid_windows` come checked from LawSettings
+    (workflow/settings.py)."""
     from ..runtime import resolve_device
 
     device = resolve_device(device)

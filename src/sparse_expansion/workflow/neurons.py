@@ -16,14 +16,16 @@ from tqdm.auto import tqdm
 from ..analysis import ablation, disentangle, plots, records
 from ..analysis.neurons import analyze_neurons, layer_outputs, walk_ffn_inputs
 from ..analysis.wasserstein import wasserstein_to_gaussian
-from ..errors import UsageError
+from ..errors import literal
 from ..expansion import ExpansionConfig, expand_linear
+from ..expansion.fitting import EXPERTS
 from ..io import atomic_output_dir, atomic_write_text
 from ..io.model_dir import read_manifest
 from ..layers.protocol import kind_of, linear_shape
 from ..models import discover, load_model
 from ..pruning import PruneOptions, SparsitySpec, get_method, prune_model
 from ..runtime import release_memory
+from ..settings import AtLeast, Each, Interval, OneOf, SettingError, check_fields, floats, ints, setting
 from .jobs import evaluate
 from .session import Session
 
@@ -31,37 +33,44 @@ ABLATION_SPARSITIES = (0.9, 0.95, 0.99)
 SWEEP_EXPERTS = (1, 2, 4, 8, 16)
 
 
+def _not_empty(parameter: str, value) -> None:
+    if not value:
+        raise SettingError(parameter, f"{{{parameter}}} is empty")
+
+
 @dataclass
 class NeuronOptions:
-    layers: list[int] | None = None  # block indices; None: every block
-    top_percent: float = 3.0  # the "Wasserstein neurons": this top percent of each layer by WD
-    pairs: int | None = None  # token pairs for mapping difficulty (None: every token in one disjoint pair)
-    seed: int = 0
-    plots: bool = True
-    ablate: bool = False
-    ablate_sparsities: tuple[float, ...] = ABLATION_SPARSITIES
-    criteria: tuple[str, ...] = ablation.CRITERIA
-    expanded: str | None = None  # a saved Sparse Expansion model directory
-    sweep_experts: tuple[int, ...] = SWEEP_EXPERTS
+    """The neurons job (checked on construction; `load_expanded` reads the --expanded manifest)."""
+
+    layers: tuple[int, ...] | None = setting(None, "block indices to analyse, e.g. 0,1,5 (default: all)",
+                                             parse=ints, check=_not_empty)
+    top_percent: float = setting(3.0, "the Wasserstein neurons: this top percent of each layer by WD",
+                                 Interval(0, 100))
+    pairs: int | None = setting(None, "token pairs for mapping difficulty (default: all tokens in disjoint pairs)",
+                                AtLeast(1))
+    seed: int = setting(0, "seed of the pairs and the random ablation (the CLI uses the calibration seed)", cli=False)
+    plots: bool = setting(True, "write the figures", off_flag=("--no-plots", "JSON and CSV only"))
+    ablate: bool = setting(False, "perplexity with only the selected neurons sparsified (SparseGPT on their rows) "
+                                  "or with their negative pre-activations zeroed, for neurons chosen by WD, output "
+                                  "mean, output variance, weight norm and at random")
+    ablate_sparsities: tuple[float, ...] = setting(ABLATION_SPARSITIES, "sparsities of the selected rows",
+                                                   Each(Interval(0, 1, closed_low=True, open_high=True)),
+                                                   parse=floats, flag="--ablate-sparsity")
+    criteria: tuple[str, ...] = setting(ablation.CRITERIA, "neuron choices of the ablation",
+                                        Each(OneOf(ablation.CRITERIA)), cli=False)
+    expanded: str | None = setting(None, "a saved Sparse Expansion model (built from --model): how its clusters "
+                                         "disentangle the neurons")
+    sweep_experts: tuple[int, ...] = setting(SWEEP_EXPERTS, "with --expanded: one neuron's sparse outputs with these "
+                                                            "numbers of experts (empty: none)",
+                                             Each(EXPERTS), parse=ints)
     _manifest: dict | None = field(default=None, repr=False)
 
-    def validate(self) -> None:
-        """Checks that need no model."""
-        if not 0 < self.top_percent <= 100:
-            raise UsageError(f"--top-percent must be in (0, 100], got {self.top_percent:g}")
-        if self.pairs is not None and self.pairs < 1:
-            raise UsageError(f"--pairs must be at least 1, got {self.pairs}")
-        if self.layers is not None and not self.layers:
-            raise UsageError("--layers is empty")
-        for value in self.ablate_sparsities:
-            if not 0 <= value < 1:
-                raise UsageError(f"ablation sparsity must be in [0, 1), got {value:g}")
-        for criterion in self.criteria:
-            if criterion not in ablation.CRITERIA:
-                raise UsageError(f"unknown criterion {criterion!r}; choose from {', '.join(ablation.CRITERIA)}")
-        if any(k < 1 for k in self.sweep_experts):
-            raise UsageError("--sweep-experts must be positive integers")
-        if self.expanded is not None:
+    def __post_init__(self):
+        check_fields(self)
+
+    def load_expanded(self) -> None:
+        """Read (and check) the --expanded model's manifest before any work."""
+        if self.expanded is not None and self._manifest is None:
             self._manifest = expanded_manifest(self.expanded)
 
     def blocks(self, count: int) -> list[int]:
@@ -69,17 +78,19 @@ class NeuronOptions:
             return list(range(count))
         bad = [i for i in self.layers if not 0 <= i < count]
         if bad:
-            raise UsageError(f"--layers {bad[0]} is out of range: the model has {count} blocks (0..{count - 1})")
+            raise SettingError("layers", f"{{layers}} {bad[0]} is out of range: the model has {count} blocks "
+                                         f"(0..{count - 1})")
         return sorted(set(self.layers))
 
 
 def expanded_manifest(path: str) -> dict:
     directory = Path(path)
     if not directory.is_dir():
-        raise UsageError(f"--expanded {path}: not a directory")
+        raise SettingError("expanded", f"{{expanded}} {literal(path)}: not a directory")
     manifest = read_manifest(directory)
     if manifest is None or manifest.get("method") != "sparse-expansion":
-        raise UsageError(f"--expanded {path}: not a Sparse Expansion model directory (written by `expand`)")
+        raise SettingError("expanded", f"{{expanded}} {literal(path)}: not a Sparse Expansion model directory "
+                                       "(written by `expand`)")
     return manifest
 
 
@@ -92,16 +103,18 @@ def check_expanded_matches(model, path: str, manifest: dict) -> None:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise UsageError(f"--expanded {path} was built from another model: --model has no layer {name}") from None
+            raise SettingError("expanded", f"{{expanded}} {literal(path)} was built from another model: {{model}} has "
+                                           f"no layer {literal(name)}") from None
         shape = tuple(linear_shape(module)) if kind_of(module) is not None else None
         if shape is not None and shape != (spec["out_features"], spec["in_features"]):
-            raise UsageError(f"--expanded {path} does not match --model: {name} is {spec['out_features']}x"
-                             f"{spec['in_features']} there, {shape[0]}x{shape[1]} here (built from another model?)")
+            raise SettingError("expanded", f"{{expanded}} {literal(path)} does not match {{model}}: {literal(name)} "
+                                           f"is {spec['out_features']}x{spec['in_features']} there, "
+                                           f"{shape[0]}x{shape[1]} here (built from another model?)")
 
 
 def run_neurons(session: Session, out: str, options: NeuronOptions, overwrite: bool = False) -> dict:
     """Measure, write and (optionally) ablate and compare with an expanded model; returns the summary."""
-    options.validate()
+    options.load_expanded()
     blocks = options.blocks(len(session.layout.blocks))
     if options.expanded:
         check_expanded_matches(session.model, options.expanded, options._manifest)
@@ -208,8 +221,8 @@ def run_disentanglement(session: Session, blocks: list[int], options: NeuronOpti
     expanded = loaded.model
     layout = discover(expanded)
     if len(layout.blocks) != len(session.layout.blocks) or layout.blocks_path != session.layout.blocks_path:
-        raise UsageError(f"--expanded {options.expanded}: its blocks do not match the model's "
-                         f"({len(layout.blocks)} against {len(session.layout.blocks)})")
+        raise SettingError("expanded", f"{{expanded}} {literal(options.expanded)}: its blocks do not match the "
+                                       f"model's ({len(layout.blocks)} against {len(session.layout.blocks)})")
     figure_dir = out / "disentanglement"
     figure_dir.mkdir()
     per_layer, pooled = [], {key: [] for key in ("wd_dense", "wd_weighted", "md_dense", "md_weighted", "selected")}
@@ -218,7 +231,7 @@ def run_disentanglement(session: Session, blocks: list[int], options: NeuronOpti
         path = f"{session.layout.blocks_path}.{index}.{name}"
         router = getattr(expanded.get_submodule(path), "router", None)
         if router is None:
-            raise UsageError(f"--expanded {options.expanded}: {path} is not an expert layer")
+            raise SettingError("expanded", f"{{expanded}} {literal(options.expanded)}: {path} is not an expert layer")
         result = disentangle.layer_disentanglement(module, router, inputs, options.top_percent, options.seed)
         selected = torch.zeros_like(result["wd_dense"], dtype=torch.bool)
         selected[result["wasserstein_neurons"]] = True

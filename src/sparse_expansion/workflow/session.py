@@ -8,48 +8,44 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import Corpus, calibration_windows, evaluation_windows, load_corpus, resolve_bos
-from ..data.windows import BOS_MODES
-from ..errors import UsageError
+from ..data.windows import BOS, BOS_MODES, SEQLEN, WINDOWS
 from ..models import ModelLayout, discover, load_model
 from ..models.loading import LoadedModel, context_length
 from ..runtime import release_memory, resolve_device
+from ..settings import AtLeast, SettingError, check_fields, setting
 
 
 @dataclass
 class RunSettings:
-    """Options shared by every command that reads data."""
+    """The model, the data and the compute of a command (checked on construction)."""
 
-    model: str | None = None
-    data: str | None = None
-    calib_samples: int = 128
-    seqlen: int = 2048
-    eval_samples: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    scope: str = "ffn"
-    batch_size: int = 8
-    bos: str = "auto"  # auto: every window starts with BOS when the tokenizer adds one; always; never
-    quiet: bool = False
-    trust_remote_code: bool = False
-    offload_dir: str | None = None  # calibration activations in files there instead of memory
+    model: str | None = setting(None, "local HF directory, .gguf file or hub id (default: the embedded "
+                                      "SmolLM2-135M-Instruct)")
+    data: str | None = setting(None, "embedded (default), a .txt file or directory, wikitext2 or c4 (online)")
+    calib_samples: int = setting(128, "calibration windows", WINDOWS)
+    seqlen: int = setting(2048, "tokens per window", SEQLEN)
+    eval_samples: int | None = setting(None, "limit the number of test windows", WINDOWS)
+    seed: int = setting(0, "seed for the calibration windows (and the routers' k-means)")
+    device: str = setting("cpu", "compute device: cpu or cuda")
+    dtype: str = setting("float32", "float32, float16 or bfloat16")
+    scope: str = setting("ffn", "ffn: FFN linears only (as in Sparse Expansion); all: every linear in the blocks",
+                         choices=("ffn", "all"))
+    batch_size: int = setting(8, "calibration windows per forward pass", AtLeast(1))
+    bos: str = setting("auto", "start every calibration and test window with the BOS token: auto (when the "
+                               "tokenizer adds one on encoding, e.g. Gemma), always, or never (the SparseGPT/Wanda "
+                               "protocol: windows cut from one token stream)", BOS, choices=BOS_MODES)
+    quiet: bool = setting(False, "no progress bars")
+    trust_remote_code: bool = setting(False, "allow custom model code from the hub")
+    offload_dir: str | None = setting(None, "keep the calibration activations in files under DIR instead of memory "
+                                            "(for models whose activations do not fit)", metavar="DIR")
+
+    def __post_init__(self):
+        check_fields(self)
+        resolve_device(self.device)
 
     def describe(self) -> dict:
         return {k: getattr(self, k) for k in ("model", "data", "calib_samples", "seqlen", "eval_samples", "seed",
                                               "device", "dtype", "scope", "bos")}
-
-    def validate(self) -> None:
-        if self.seqlen < 2:
-            raise UsageError("--seqlen must be at least 2")
-        if self.calib_samples < 1:
-            raise UsageError("--calib-samples must be at least 1")
-        if self.eval_samples is not None and self.eval_samples < 1:
-            raise UsageError("--eval-samples must be at least 1")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.bos not in BOS_MODES:
-            raise UsageError(f"unknown --bos {self.bos!r}; choose one of {', '.join(BOS_MODES)}")
-        resolve_device(self.device)
 
 
 @dataclass
@@ -115,7 +111,6 @@ def open_session(settings: RunSettings, stream: bool = False, compact: bool = Fa
     """Validate cheap options, load the model (on the CPU; blocks visit the device one at a time). `stream`:
     leave the blocks on disk until their turn where the model directory allows it; `compact` (evaluation
     only): an expanded model's experts held as CSR copies, not k dense copies of every FFN matrix."""
-    settings.validate()
     loaded = load_model(settings.model, dtype=settings.dtype, device="cpu",
                         trust_remote_code=settings.trust_remote_code, quiet=settings.quiet, stream=stream,
                         compact=compact)
@@ -124,8 +119,8 @@ def open_session(settings: RunSettings, stream: bool = False, compact: bool = Fa
 
 def session_for(loaded: LoadedModel, settings: RunSettings) -> Session:
     """A session around a model already in memory."""
-    settings.validate()
     limit = context_length(loaded.model)
     if limit is not None and settings.seqlen > limit:
-        raise UsageError(f"--seqlen {settings.seqlen} is longer than the model's context of {limit} tokens")
+        raise SettingError("seqlen", f"{{seqlen}} {settings.seqlen} is longer than the model's context of {limit} "
+                                     "tokens")
     return Session(settings=settings, loaded=loaded, layout=discover(loaded.model))

@@ -14,24 +14,23 @@ Under torch.distributed every rank computes, rank 0 writes, and every rank resto
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import distributed
+from ..calibration import BlockHooks
 from ..io.block_store import BlockStore
 from ..io.compressed import resolve_weight_format
-from ..io.model_dir import describe_layers, rebuild_layers, save_config
 from ..layers import clear_router_memos
 from ..models import discover
 from ..models.costs import block_ffn_costs, sum_block_costs
+from ..models.model_dir import describe_layers, rebuild_layers, save_config
 from ..runtime import release_memory
 from .session import Session
 
-# job(model, engine_options, report) -> report, filled by the blocks this run builds (the restored ones are
-# added after)
-Job = Callable[[nn.Module, dict, object], object]
+# job(model, hooks, report) -> report, filled by the blocks this run builds (the restored ones are added after)
+Job = Callable[[nn.Module, BlockHooks, object], object]
 
 
 def _record_of(report, prefix: str) -> dict:
@@ -55,16 +54,9 @@ def _prepend_records(report, records: list[dict]) -> None:
         report.routers = {**routers, **report.routers}
 
 
-def open_store(path: str | Path, fingerprint: dict, resume: bool) -> BlockStore:
-    """A run's state directory, new or `resume`d: rank 0 checks or creates it, then the other ranks read it."""
-    store = BlockStore(path, fingerprint, resume=resume) if distributed.is_main() else None
-    distributed.barrier()
-    return store if store is not None else BlockStore(path, fingerprint, resume=True)
-
-
 def build_streamed(session: Session, store: BlockStore, job: Job, report, weight_format: str,
                    keep_model: bool = False, model: nn.Module | None = None) -> object:
-    """Run `job` with the engine options that save every block to `store` (and restore the ones it has);
+    """Run `job` with the engine hooks that save every block to `store` (and restore the ones it has);
     blocks leave memory after being saved unless `keep_model`. `model`: another model than the session's
     (a copy, as `compare` builds). Returns the job's report."""
     if model is None or model is session.model:
@@ -102,10 +94,9 @@ def build_streamed(session: Session, store: BlockStore, job: Job, report, weight
             block.to("meta")  # saved: its tensors are no longer needed here
             release_memory()
 
-    options = {"start": start, "restore": restore, "after_block": after_block, "offload": offload}
-    if streamed is not None:
-        options["onload"] = streamed.onload
-    result = job(model, options, report)
+    hooks = BlockHooks(start=start, restore=restore, after_block=after_block, offload=offload,
+                       onload=None if streamed is None else streamed.onload)
+    result = job(model, hooks, report)
     _prepend_records(result, [store.record(i) for i in range(start)])
     if encoding is None:
         encoding = resolve_weight_format({}, "compressed" if weight_format == "auto" else weight_format)
