@@ -165,12 +165,16 @@ def llama_dir(model_dir_factory):
 
 
 def generate_from_both_formats(tmp_path, capsys, prune_args, prompt, new_tokens, kernels):
-    """Prune once into a compressed and once into a dense directory, then generate greedily from each:
-    the compressed one with `kernels`, the dense checkpoint without. Returns {format: text}."""
+    """Prune into a compressed directory and write the same weights as a plain dense checkpoint (test_cli checks
+    that `prune --format dense` writes these very weights), then generate greedily from each: the compressed
+    one with `kernels`, the dense checkpoint without. Returns {format: text}."""
+    import sparse_expansion
     from sparse_expansion.cli import main
 
-    for fmt in ("compressed", "dense"):
-        assert main(["prune", *prune_args, "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+    assert main(["prune", *prune_args, "--format", "compressed", "--out", str(tmp_path / "compressed")]) == 0
+    pruned = sparse_expansion.load(str(tmp_path / "compressed"))
+    sparse_expansion.save(pruned.model, pruned.tokenizer, tmp_path / "dense", format="dense")
+    del pruned
     capsys.readouterr()
     texts = {}
     for fmt, mode in (("compressed", kernels), ("dense", "off")):

@@ -229,7 +229,7 @@ def test_workflow_scores_rows_by_wasserstein_distance(monkeypatch):
 
 @pytest.mark.parametrize("value", [0, 1.5, -0.25, float("nan")])
 def test_bad_fractions_are_refused(value):
-    with pytest.raises(UsageError, match=r"fraction of rows in \(0, 1\]") as error:
+    with pytest.raises(UsageError, match=r"share of rows in \(0, 1\]") as error:
         ExpansionConfig(selective=value)
     assert "\n" not in str(error.value)
 
