@@ -33,13 +33,19 @@ demo: setup
 		--calib-samples 16 --seqlen 256 --eval-samples 16 \
 		--json runs/demo/compare.json --report runs/demo/compare.md
 
-# The whole suite, including the few tests marked slow that use the embedded model (a few minutes).
-test: setup-dev lint
-	$(PY) -m pytest -q
+# Test worker processes (pytest-xdist); each test file stays in one worker, so its module fixtures are built once.
+# Two torch processes on two cores: OpenMP threads wait passively instead of spinning on each other's cores.
+TEST_WORKERS ?= 2
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# Tiny random models only (seconds).
+# The whole suite, the tests marked slow included: the embedded model, subprocesses (torchrun, killed and
+# resumed runs), lm-eval's task index and the timed benchmarks (about 5 minutes on two cores).
+test: setup-dev lint
+	$(PYTEST)
+
+# In-process tests on tiny random models (about a minute on two cores).
 test-fast: setup-dev lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The layer contract (no upward imports, no cycles) and the style (pyproject.toml's [tool.ruff]).
 lint: setup-dev

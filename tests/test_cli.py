@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -220,10 +221,18 @@ def test_expand_bad_input(extra, message, llama_dir, corpus_dir, tmp_path, capsy
     _assert_clean_failure(code, err, out, message)
 
 
-def test_loading_a_corrupted_expanded_model_fails_cleanly(llama_dir, corpus_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def expanded_dir(llama_dir, corpus_dir, tmp_path_factory):
+    """Two experts at 50% sparsity (PCA to 8 dimensions), built once for the tests that read or copy it."""
+    out = tmp_path_factory.mktemp("expanded") / "se"
+    assert main(["expand", "--model", str(llama_dir), "--data", str(corpus_dir), "--experts", "2",
+                 "--pca-reduction", "8", "--sparsity", "0.5", "--out", str(out), *SMALL]) == 0
+    return out
+
+
+def test_loading_a_corrupted_expanded_model_fails_cleanly(expanded_dir, corpus_dir, tmp_path, capsys):
     out = tmp_path / "se"
-    assert run_cli(["expand", "--model", str(llama_dir), "--data", str(corpus_dir), "--experts", "2",
-                    "--pca-reduction", "8", "--sparsity", "0.5", "--out", str(out), *SMALL], capsys)[0] == 0
+    shutil.copytree(expanded_dir, out)
     weights = out / "model.compressed.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     code, _, err = run_cli(["eval", "--model", str(out), "--data", str(corpus_dir), *SMALL], capsys)
@@ -302,10 +311,9 @@ def _own_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, repeats: int = 
     return ids.shape[1] / statistics.median(prefill), new_tokens / statistics.median(decode)
 
 
-def test_model_bench_against_a_baseline(llama_dir, corpus_dir, tmp_path, capsys):
-    expanded = tmp_path / "se"
-    assert run_cli(["expand", "--model", str(llama_dir), "--data", str(corpus_dir), "--experts", "2",
-                    "--pca-reduction", "8", "--sparsity", "0.5", "--out", str(expanded), *SMALL], capsys)[0] == 0
+@pytest.mark.slow  # timed: repeated prefill and decode runs of two models, by design
+def test_model_bench_against_a_baseline(llama_dir, expanded_dir, tmp_path, capsys):
+    expanded = expanded_dir
     out = tmp_path / "bench.json"
     code, stdout, err = run_cli(["bench", "--model", str(expanded), "--baseline", str(llama_dir), "--prompt-tokens",
                                  "32", "--new-tokens", "32", "--repeats", "3", "--json", str(out)], capsys)

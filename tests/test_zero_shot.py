@@ -2,6 +2,7 @@
 models, lm-eval's accuracy against log-likelihoods computed here, and the one-line errors."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -16,6 +17,9 @@ from sparse_expansion.models import discover
 from sparse_expansion.pruning import SparsitySpec
 
 TASK = zero_shot.LOCAL_TASK
+# lm-eval indexes its thousands of task files once per process (about 12 s on two cores): the tests that open
+# its task registry are slow, so that `make test-fast` pays none of it.
+indexes_tasks = pytest.mark.slow
 ROWS = [json.loads(line) for line in
         (zero_shot.PACKAGED_TASKS_DIR / "local_mc" / "local_mc.jsonl").read_text().splitlines() if line.strip()]
 
@@ -38,6 +42,7 @@ def test_the_packaged_task_is_well_formed():
     assert len({row["question"] for row in ROWS}) == len(ROWS)
 
 
+@indexes_tasks
 @pytest.mark.parametrize("kind", ["dense", "expanded"])
 def test_cli_runs_the_packaged_task_in_memory(kind, llama_dir, expanded_dir, tmp_path, capsys):
     model_dir = llama_dir if kind == "dense" else expanded_dir
@@ -50,7 +55,9 @@ def test_cli_runs_the_packaged_task_in_memory(kind, llama_dir, expanded_dir, tmp
     assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["acc_norm"] <= 1.0
     assert metrics["acc"] * len(ROWS) == pytest.approx(round(metrics["acc"] * len(ROWS)))
     assert metrics["samples"] == metrics["samples_total"] == len(ROWS)
-    assert metrics["acc_stderr"] > 0 and metrics["num_fewshot"] == 0
+    # The standard error of a mean of 0/1 scores (sample standard deviation over sqrt(n)).
+    assert metrics["acc_stderr"] == pytest.approx(math.sqrt(metrics["acc"] * (1 - metrics["acc"]) / (len(ROWS) - 1)))
+    assert metrics["num_fewshot"] == 0
     assert result["config"]["num_fewshot"] == 0 and result["config"]["limit"] is None
     assert result["model"] == str(model_dir)
     assert TASK in stdout and "acc_norm" in stdout
@@ -80,6 +87,7 @@ def direct_loglikelihoods(model, tokenizer, row):
     return scores
 
 
+@indexes_tasks
 @pytest.mark.parametrize("kind", ["dense", "expanded"])
 def test_accuracy_is_the_argmax_of_the_choice_loglikelihoods(kind, llama_dir, expanded_dir):
     loaded = load(str(llama_dir if kind == "dense" else expanded_dir))
@@ -100,6 +108,7 @@ def test_accuracy_is_the_argmax_of_the_choice_loglikelihoods(kind, llama_dir, ex
     assert metrics["acc_norm"] == correct_norm / len(ROWS)
 
 
+@indexes_tasks
 def test_unknown_task_is_a_one_line_error(llama_dir, capsys):
     code, stdout, err = run_cli(["lm-eval", "--model", str(llama_dir), "--tasks", f"{TASK},boolqq", "--quiet"],
                                 capsys)
@@ -110,6 +119,7 @@ def test_unknown_task_is_a_one_line_error(llama_dir, capsys):
         assert code == 2 and err.count("\n") == 1, err
 
 
+@indexes_tasks
 def test_default_tasks_are_the_sparsegpt_wanda_suite():
     """The zero-shot suite of the SparseGPT and Wanda papers' tables, each a task lm-eval knows."""
     from sparse_expansion.workflow.settings import LmEvalSettings
@@ -119,6 +129,7 @@ def test_default_tasks_are_the_sparsegpt_wanda_suite():
     assert zero_shot.check_tasks(manager, LmEvalSettings().tasks) == suite
 
 
+@indexes_tasks
 def test_hub_task_offline_is_a_one_line_error(llama_dir, capsys, monkeypatch, tmp_path):
     import datasets
     import huggingface_hub.constants
