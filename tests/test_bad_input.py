@@ -407,7 +407,9 @@ def assert_one_line_error(code, err: str, match: str) -> None:
     assert code not in (0, None), f"exit code {code!r} for: {lines[0]}"
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+# lm-eval's rows build its task index (about 12 s per process): slow, with the other tests that pay for it.
+@pytest.mark.parametrize("row", [pytest.param(row, marks=pytest.mark.slow) if row.id.startswith("lm-eval/") else row
+                                 for row in ROWS], ids=[row.id for row in ROWS])
 def test_bad_input(row, llama_dir, corpus_dir, model_dir_factory, saved_dirs, tmp_path, capsys):
     c = Ctx(tmp=tmp_path, llama=llama_dir, corpus=corpus_dir, factory=model_dir_factory, saved=saved_dirs)
     argv = row.argv(c)

@@ -46,6 +46,7 @@ def three_blocks(model_dir_factory):
     return model_dir_factory("llama", num_hidden_layers=3)
 
 
+@pytest.mark.slow  # a child process killed mid-block
 def test_python_expand_writes_the_cli_bytes_and_resumes_to_them(three_blocks, corpus_dir, tmp_path):
     expansion = {"experts": 2, "pca_reduction": 8, "sparsity": 0.5}
     assert main(["expand", "--experts", "2", "--pca-reduction", "8", "--sparsity", "0.5", "--model", str(three_blocks),

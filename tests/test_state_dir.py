@@ -154,6 +154,7 @@ def _two_ranks(rank: int, init: str, path: str, results: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two torchrun-style processes
 def test_rank_0_creates_first_and_its_refusal_reaches_every_rank(tmp_path):
     path = tmp_path / "state"
     init = f"file://{tmp_path / 'rendezvous'}"

@@ -19,7 +19,8 @@ from ..models import load_model
 from ..models.loading import context_length
 from ..runtime import cpu_flags, parse_dtype
 from ..settings import SettingError
-from .settings import GenerateSettings
+from .session import RunSettings
+from .settings import GenerateSettings, InferenceSettings
 
 # The CPU flags that give each half-precision dtype native matrix products (x86, as Linux names them).
 NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
@@ -143,8 +144,9 @@ def prompt_ids(tokenizer, prompt: str, chat: bool = False) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt", verbose=False).input_ids
 
 
-def run_generate(model: str | None, prompt: str, max_new_tokens: int = 64, *, chat: bool = False,
-                 dtype: str = "float32", device: str = "cpu", kernels: str = "auto", trust_remote_code: bool = False,
+def run_generate(model: str | None, prompt: str, max_new_tokens: int = GenerateSettings.max_new_tokens, *,
+                 chat: bool = GenerateSettings.chat, dtype: str = RunSettings.dtype, device: str = RunSettings.device,
+                 kernels: str = InferenceSettings.kernels, trust_remote_code: bool = RunSettings.trust_remote_code,
                  stream: TextIO | None = None, warn: TextIO | None = None) -> Generation:
     """Greedy generation from the model at `model` (None: the embedded one). With `stream`, the prompt and then
     each token as it is decoded are written there (and a final newline); `warn` receives the dtype notice."""
