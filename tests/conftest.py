@@ -182,3 +182,14 @@ def generate_from_both_formats(tmp_path, capsys, prune_args, prompt, new_tokens,
                      "--max-new-tokens", str(new_tokens), "--kernels", mode, "--quiet"]) == 0
         texts[fmt] = capsys.readouterr().out
     return texts
+
+
+# The longest test files first, so that the two test workers (pytest-xdist, one file per worker at a time) finish
+# together instead of one starting the embedded model's minutes last (seconds measured with --durations).
+LONGEST_FIRST = ("test_embedded_model.py", "test_embedded_generate.py", "test_distributed.py", "test_bad_input.py",
+                 "test_resume.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -55,6 +55,20 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name as Linux lists it (else what the platform says)."""
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
     """The CPU's feature flags as Linux lists them ("flags" on x86, "Features" on Arm); None where unreadable."""
     try:

@@ -10,6 +10,7 @@ from ..pruning import PruneOptions
 from ..pruning.methods import PruneSettings
 from ..workflow import build, format_table
 from ..workflow.compare import report_path, run_compare
+from ..workflow.report import format_summary
 from ..workflow.session import RunSettings
 from ..workflow.settings import CompareSettings, OutputSettings
 from . import present
@@ -44,12 +45,14 @@ def run_compare_command(parsed: Parsed) -> int:
     settings, output, chosen = parsed.get(RunSettings), parsed.get(OutputSettings), parsed.get(CompareSettings)
     expansion = _expansion(parsed, settings, experts=chosen.experts[0])
     command_line = "sparse-expansion " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    _, rows = run_compare(settings, chosen, parsed.get(PruneSettings), parsed.get(PruneOptions), expansion, output,
-                          command_line)
-    print(format_table(rows))
+    result = run_compare(settings, chosen, parsed.get(PruneSettings), parsed.get(PruneOptions), expansion, output,
+                         command_line)
+    print(format_table(result.rows))
+    print()
+    print(format_summary(result.summary))
     if output.json or output.resume:
         markdown = report_path(chosen, output)
-        print(f"report: {markdown}" + (f"; json: {output.json}" if output.json else ""))
+        print(f"report: {markdown}" + (f"; json: {output.json}; figure: {result.figure}" if output.json else ""))
     return 0
 
 

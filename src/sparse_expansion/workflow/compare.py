@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..errors import UsageError
+from ..evaluation import spread
 from ..expansion import ExpansionConfig, ExpansionReport
 from ..io import atomic_write_text, check_output_path
 from ..io.block_store import BlockStore, default_state_dir
@@ -27,9 +28,10 @@ from ..io.state_dir import StateDir
 from ..models import discover, ffn_costs
 from ..pruning import METHODS, PruneOptions, PruneReport, SparsitySpec, get_method
 from ..pruning.methods import PruneSettings
+from ..settings import SettingError
 from .build import fingerprint
-from .jobs import evaluate, expand_session_model, prune_session_model
-from .report import markdown_report
+from .jobs import calibration_warning, evaluate, expand_session_model, prune_session_model
+from .report import compare_figure, environment, markdown_report, windows_digest
 from .session import RunSettings, Session, open_session
 from .settings import CompareSettings, OutputSettings
 from .streamed import build_streamed
@@ -116,14 +118,56 @@ def technique(name: str) -> Technique:
     return known[name]
 
 
+def _jobs(chosen: list[Technique], specs: list[SparsitySpec], experts: list[int], seeds: list[int]) -> list[tuple]:
+    """(seed, technique, spec, experts) for every run; a technique that reads no data runs at the first seed only
+    (its figure does not depend on the draw; `_seeded_rows` repeats it for the pairing)."""
+    jobs = []
+    for seed in seeds:
+        for t in chosen:
+            if not t.uses_data and seed != seeds[0]:
+                continue
+            if t.apply is None:
+                jobs.append((seed, t, None, None))
+                continue
+            for spec in specs:
+                for k in (experts if t.per_experts else [None]):
+                    jobs.append((seed, t, spec, k))
+    return jobs
+
+
+def _use_seed(session: Session, seed: int) -> None:
+    """Draw the calibration windows with `seed` from now on (the test windows stay the ones already cut)."""
+    if session.settings.seed != seed:
+        session.settings = dataclasses.replace(session.settings, seed=seed)
+        session.calib = None
+
+
+def _row(session: Session, t: Technique, spec, k, options: PruneOptions, model, report) -> dict:
+    s = session.settings
+    calib_tokens = int(session.calib.numel()) if session.calib is not None and t.uses_data else 0
+    row = {"method": t.name, "sparsity": spec.sparsity if spec else 0.0,
+           "nm": f"{spec.n}:{spec.m}" if spec and spec.is_nm else None, "experts": k,
+           "bits": options.bits if t.supports_bits else None, "scope": t.scope or s.scope, "seqlen": s.seqlen,
+           "seed": s.seed, "calib_tokens": calib_tokens, "seconds": report.seconds if report else 0.0,
+           "measured_sparsity": report.overall_sparsity() if report else 0.0,
+           "calibration_warning": calibration_warning(session, t.scope or s.scope) if t.uses_data else None,
+           "calib_windows_sha256": windows_digest(session.calib) if t.uses_data else None,
+           "test_windows_sha256": windows_digest(session.evaluation())}
+    row.update(ffn_costs(model, discover(model)))
+    row.update(evaluate(session, model, desc=f"ppl {t.name}"))
+    return row
+
+
 def compare(session: Session, methods: list[str], specs: list[SparsitySpec], options: PruneOptions,
             experts: list[int] | None = None, expansion: ExpansionConfig | None = None,
-            state: CompareState | None = None) -> list[dict]:
-    """Each method at each sparsity (and each expert count) on the same calibration and test windows. With a
-    `state`, every finished row and every block of the job in progress is saved, and a resumed run continues
-    where the interrupted one stopped."""
+            state: CompareState | None = None, seeds: list[int] | None = None) -> list[dict]:
+    """Each method at each sparsity (and each expert count) on the same test windows, once per calibration seed
+    (default: the session's seed), the runs of one seed on the same calibration windows. With a `state`, every
+    finished row and every block of the job in progress is saved, and a resumed run continues where the
+    interrupted one stopped."""
     expansion = expansion or ExpansionConfig()
     experts = experts or [expansion.experts]
+    seeds = seeds or [session.settings.seed]
     chosen = [technique(name) for name in methods]
     for t in chosen:
         if t.per_experts:
@@ -131,56 +175,39 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
                 dataclasses.replace(expansion, experts=k)  # checked on construction
         elif options.bits is not None and t.apply is not None and not t.supports_bits:
             get_method(t.name, options.bits)  # the registry's one-line error
-    s = session.settings
     session.evaluation()  # fail early on data problems, before any pruning
-    if any(t.uses_data for t in chosen):
-        session.calibration()
-    calib_tokens = int(session.calib.numel()) if session.calib is not None else 0
-    jobs = []
-    for t in chosen:
-        if t.apply is None:
-            jobs.append((t, None, None))
-        else:
-            for spec in specs:
-                for k in (experts if t.per_experts else [None]):
-                    jobs.append((t, spec, k))
     rows = []
-    for index, (t, spec, k) in enumerate(jobs):
+    for index, (seed, t, spec, k) in enumerate(_jobs(chosen, specs, experts, seeds)):
         if state is not None and index < len(state.rows):
             rows.append(state.rows[index])  # finished before the interruption
             continue
-        model = session.model if t.apply is None else copy.deepcopy(session.model)
-        seconds, measured = 0.0, 0.0
+        _use_seed(session, seed)
+        config = dataclasses.replace(expansion, seed=seed)
+        model, report = session.model, None
         if t.apply is not None:
+            model = copy.deepcopy(session.model)
             if state is not None and t.uses_data:  # every block saved, a resumed job continues after the last
-                store = state.job_store(index, {"job": index, "method": t.name, "spec": spec.label, "experts": k})
+                store = state.job_store(index, {"job": index, "method": t.name, "spec": spec.label, "experts": k,
+                                                "seed": seed})
                 report = build_streamed(session, store, lambda m, hooks, rep: t.apply(
-                    session, m, spec, options, k, expansion, hooks, rep),
-                    t.new_report(session, spec, k, expansion), "dense", keep_model=True, model=model)
+                    session, m, spec, options, k, config, hooks, rep),
+                    t.new_report(session, spec, k, config), "dense", keep_model=True, model=model)
             else:
-                report = t.apply(session, model, spec, options, k, expansion)
-            seconds, measured = report.seconds, report.overall_sparsity()
-        row = {
-            "method": t.name,
-            "sparsity": spec.sparsity if spec else 0.0,
-            "nm": f"{spec.n}:{spec.m}" if spec and spec.is_nm else None,
-            "experts": k,
-            "bits": options.bits if t.supports_bits else None,
-            "scope": t.scope or s.scope,
-            "seqlen": s.seqlen,
-            "seed": s.seed,
-            "calib_tokens": calib_tokens if t.uses_data else 0,
-            "seconds": seconds,
-            "measured_sparsity": measured,
-        }
-        row.update(ffn_costs(model, discover(model)))
-        row.update(evaluate(session, model, desc=f"ppl {t.name}"))
-        rows.append(row)
+                report = t.apply(session, model, spec, options, k, config)
+        rows.append(_row(session, t, spec, k, options, model, report))
         if state is not None:
-            state.add_row(index, row)
-        if model is not session.model:
-            del model
-    return rows
+            state.add_row(index, rows[-1])
+        del model
+    return _seeded_rows(rows, seeds)
+
+
+def _seeded_rows(rows: list[dict], seeds: list[int]) -> list[dict]:
+    """Every run, a seed-independent one (dense, magnitude) repeated at each seed with `"repeated": True`."""
+    found = list(rows)
+    for row in rows:
+        if row["calib_tokens"] == 0 and row["seed"] == seeds[0]:
+            found += [{**row, "seed": seed, "repeated": True} for seed in seeds[1:]]
+    return found
 
 
 def report_path(compare_settings: CompareSettings, output: OutputSettings) -> str | None:
@@ -190,13 +217,25 @@ def report_path(compare_settings: CompareSettings, output: OutputSettings) -> st
     return os.path.splitext(output.json)[0] + ".md" if output.json else None
 
 
+@dataclass
+class CompareResult:
+    session: Session
+    rows: list[dict]  # every run
+    summary: dict  # summarize_rows: spread over the seeds, paired ratios to the reference
+    figure: str | None = None  # the PNG next to the JSON
+
+
 def run_compare(settings: RunSettings, compare_settings: CompareSettings, target: PruneSettings,
                 options: PruneOptions, expansion: ExpansionConfig, output: OutputSettings,
-                command_line: str = "") -> tuple[Session, list[dict]]:
+                command_line: str = "") -> CompareResult:
     """compare as a job: check the outputs, keep a resumable state directory when there is a JSON or a `resume`,
-    run every job, write the JSON and the Markdown report (rank 0), and drop the state."""
+    run every job at every seed, write the JSON, the Markdown report and the figure (rank 0), drop the state."""
     specs = ([SparsitySpec.create(nm=target.nm)] if target.nm else
              [SparsitySpec.create(sparsity=s) for s in compare_settings.sparsities])
+    methods = list(compare_settings.methods)
+    reference = compare_settings.reference or default_reference(methods)
+    if reference not in methods:
+        raise SettingError("reference", f"{{reference}} {reference} is not among {{methods}} ({', '.join(methods)})")
     markdown = report_path(compare_settings, output)
     for path in (output.json, markdown):
         if path:
@@ -205,22 +244,69 @@ def run_compare(settings: RunSettings, compare_settings: CompareSettings, target
     if output.resume or output.json:
         fp = fingerprint(settings, compare_settings, target, options, expansion)
         state = CompareState(output.resume or default_state_dir(output.json), fp, bool(output.resume))
+    seeds = [settings.seed + i for i in range(compare_settings.seeds)]
     try:
         session = open_session(settings)
-        rows = compare(session, list(compare_settings.methods), specs, options, experts=list(compare_settings.experts),
-                       expansion=expansion, state=state)
+        rows = compare(session, methods, specs, options, experts=list(compare_settings.experts),
+                       expansion=expansion, state=state, seeds=seeds)
     except BaseException:
         if state is not None and not state.has_progress():
             state.discard()  # nothing worth resuming
         elif state is not None:
             print(f"sparse-expansion: state kept for --resume {state.path}", file=sys.stderr)
         raise
+    session.settings = settings  # the first seed's, as given
+    result = CompareResult(session, rows, summarize_rows(rows, reference))
     if output.json:
-        payload = {"settings": session.settings.describe(), "model": session.loaded.source,
-                   "data": session.data_summary(), "results": rows}
+        payload = {"settings": settings.describe(), "seeds": seeds, "model": session.loaded.source,
+                   "environment": environment(session), "data": session.data_summary(),
+                   "test_windows_sha256": windows_digest(session.evaluation()), "summary": result.summary,
+                   "results": rows}
         distributed.on_main(atomic_write_text, output.json, json.dumps(payload, indent=2) + "\n")
+        result.figure = os.path.splitext(output.json)[0] + ".png"
+        distributed.on_main(compare_figure, result.summary, result.figure, session.loaded.source.split(" (")[0])
     if markdown:
-        distributed.on_main(atomic_write_text, markdown, markdown_report(session, rows, command_line))
+        distributed.on_main(atomic_write_text, markdown, markdown_report(session, result.summary, rows, command_line))
     if state is not None:
         state.discard()
-    return session, rows
+    return result
+
+
+def _key(row: dict) -> tuple:
+    return row["method"], row["sparsity"], row["nm"], row["experts"], row["bits"]
+
+
+def default_reference(methods: list[str]) -> str:
+    return "sparsegpt" if "sparsegpt" in methods else "dense"
+
+
+def _reference_runs(groups: dict, reference: str, key: tuple) -> dict | None:
+    """The reference's runs that `key`'s runs pair with: dense, or the reference method at the same sparsity."""
+    for other, runs in groups.items():
+        if other[0] == reference and (reference == "dense" or (other[1], other[2], other[4]) == (key[1], key[2],
+                                                                                                    key[4])):
+            return runs
+    return None
+
+
+def summarize_rows(rows: list[dict], reference: str) -> dict:
+    """Per method (and sparsity, experts, bits): the perplexity's mean, std and 95% CI over the seeds, and the
+    per-seed ratio to `reference` with its CI and verdict (evaluation/spread.py)."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for row in rows:
+        groups.setdefault(_key(row), {})[row["seed"]] = row
+    found = []
+    for key, runs in groups.items():
+        seeds = sorted(runs)
+        first = runs[seeds[0]]
+        entry = {"method": key[0], "sparsity": key[1], "nm": key[2], "experts": key[3], "bits": key[4],
+                 "seeds": seeds, "ppl": spread.summarize([runs[s]["ppl"] for s in seeds]),
+                 "ffn_flops_per_token": first["ffn_flops_per_token"],
+                 "calibration_warning": first.get("calibration_warning")}
+        ref = _reference_runs(groups, reference, key)
+        if ref is not None and ref is not runs:
+            paired = [s for s in seeds if s in ref]
+            entry["vs_reference"] = {"reference": reference, "seeds": paired, **spread.paired_ratio(
+                [runs[s]["ppl"] for s in paired], [ref[s]["ppl"] for s in paired])}
+        found.append(entry)
+    return {"reference": reference, "confidence": spread.CONFIDENCE, "groups": found}

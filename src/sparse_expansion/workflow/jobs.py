@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..analysis.wasserstein import wasserstein_to_gaussian
 from ..calibration import BlockHooks
 from ..evaluation import perplexity
@@ -18,12 +20,39 @@ from .session import Session
 SCORE_CHUNK_ELEMENTS = 1 << 24  # neuron outputs scored at a time (tokens x neurons): bounds the memory
 
 
+def calibration_warning(session: Session, scope: str) -> dict | None:
+    """When the calibration tokens are fewer than the inputs of the widest layer in `scope`, that layer's Hessian
+    (inputs x inputs, a sum of one rank-1 term per token) is rank-deficient and only the dampening decides the
+    directions no token spans: the layer, its inputs and the tokens; else None."""
+    tokens = int(session.calibration().numel())
+    widest = max(session.layout.select(scope), key=lambda lin: lin.in_features, default=None)
+    if widest is None or tokens >= widest.in_features:
+        return None
+    return {"layer": f"{session.layout.blocks_path}.*.{widest.name}", "inputs": widest.in_features,
+            "calib_tokens": tokens}
+
+
+def warn_calibration(session: Session, scope: str) -> dict | None:
+    """Print the calibration-size warning once per session and calibration draw (rank 0); returns it."""
+    warning = calibration_warning(session, scope)
+    key = (scope, session.settings.seed)
+    if warning is not None and key not in session.warned:
+        session.warned.add(key)
+        if distributed.is_main():
+            print(f"sparse-expansion: warning: {warning['calib_tokens']:,} calibration tokens are fewer than the "
+                  f"{warning['inputs']:,} inputs of {warning['layer']}: its Hessian is rank-deficient and the "
+                  "dampening alone fills the rest (more calibration windows or longer ones fix it)", file=sys.stderr)
+    return warning
+
+
 def prune_session_model(session: Session, model, method_name: str, spec: SparsitySpec,
                         options: PruneOptions, hooks: BlockHooks | None = None,
                         report: PruneReport | None = None) -> PruneReport:
     method = get_method(method_name, options.bits)
     s = session.settings
     windows = session.calibration() if method.statistic is not None else None
+    if windows is not None:
+        warn_calibration(session, s.scope)
     return prune_model(model, discover(model), windows, method, spec, scope=s.scope, options=options,
                        device=s.device, batch_size=s.batch_size, progress=not s.quiet,
                        hooks=hooks, offload_dir=s.offload_dir, report=report)
@@ -38,6 +67,7 @@ def expand_session_model(session: Session, model, spec: SparsitySpec, options: P
     s = session.settings
     if config.selective is not None and row_scores is None:
         row_scores = wasserstein_row_scores
+    warn_calibration(session, "ffn")
     return expand_model(model, discover(model), session.calibration(), spec, config, options=options,
                         device=s.device, batch_size=s.batch_size, progress=not s.quiet,
                         hooks=hooks, offload_dir=s.offload_dir, row_scores=row_scores, report=report)

@@ -31,6 +31,8 @@ class RunSettings:
     scope: str = setting("ffn", "ffn: FFN linears only (as in Sparse Expansion); all: every linear in the blocks",
                          choices=("ffn", "all"))
     batch_size: int = setting(8, "calibration windows per forward pass", AtLeast(1))
+    threads: int | None = setting(None, "torch threads for the run (default: torch's choice, the cores); the same "
+                                        "threads give the same rounding, so a run repeats exactly", AtLeast(1))
     bos: str = setting("auto", "start every calibration and test window with the BOS token: auto (when the "
                                "tokenizer adds one on encoding, e.g. Gemma), always, or never (the SparseGPT/Wanda "
                                "protocol: windows cut from one token stream)", BOS, choices=BOS_MODES)
@@ -45,7 +47,7 @@ class RunSettings:
 
     def describe(self) -> dict:
         return {k: getattr(self, k) for k in ("model", "data", "calib_samples", "seqlen", "eval_samples", "seed",
-                                              "device", "dtype", "scope", "bos")}
+                                              "device", "dtype", "scope", "bos", "batch_size", "threads")}
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Session:
     calib: torch.Tensor | None = field(default=None, repr=False)  # set to use windows of your own
     _eval: torch.Tensor | None = field(default=None, repr=False)
     _bos: int | None | bool = field(default=False, repr=False)  # False: not resolved yet
+    warned: set = field(default_factory=set, repr=False)  # calibration-size warnings already printed
 
     @property
     def model(self):
@@ -119,6 +122,8 @@ def open_session(settings: RunSettings, stream: bool = False, compact: bool = Fa
 
 def session_for(loaded: LoadedModel, settings: RunSettings) -> Session:
     """A session around a model already in memory."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     limit = context_length(loaded.model)
     if limit is not None and settings.seqlen > limit:
         raise SettingError("seqlen", f"{{seqlen}} {settings.seqlen} is longer than the model's context of {limit} "

@@ -64,6 +64,11 @@ class CompareSettings:
                                        help="experts per FFN linear, one Sparse Expansion run each: e.g. 1,4,16",
                                        check=Each(EXPERTS), parse=ints)
     report: str | None = setting(None, "Markdown report (default: next to --json, .md)")
+    seeds: int = setting(1, "runs of every method, run i drawing its calibration windows (and k-means) with seed "
+                            "--seed + i; the test windows stay the same, so runs pair by seed; mean, std and 95% "
+                            "intervals in the report", AtLeast(1))
+    reference: str | None = setting(None, "the method each other is compared with, seed by seed (default: "
+                                          "sparsegpt when compared, else dense)")
 
     def __post_init__(self):
         check_fields(self)
