@@ -72,13 +72,15 @@ def test_compare_under_torchrun_writes_one_report_with_the_one_process_figures(l
     assert single.returncode == 0, single.stderr[-3000:]
     done = _torchrun(*args, "--json", str(tmp_path / "two.json"))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("| sparsegpt |") == 1  # rank 0 prints, the other rank is quiet
+    # rank 0 prints (its row in the table of runs and in the table over seeds), the other rank is quiet
+    assert done.stdout.count("| sparsegpt |") == 2 and done.stdout.count("report: ") == 1
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two"))
     assert [r["method"] for r in two] == ["dense", "sparsegpt", "sparse-expansion"]
     for a, b in zip(one, two):
         assert b["ppl"] == a["ppl"]
         assert b["eval_tokens"] == a["eval_tokens"] and b["measured_sparsity"] == a["measured_sparsity"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "one.md", "two.json", "two.md"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["one.json", "one.md", "one.png", "two.json", "two.md", "two.png"]
 
 
 def _free_port() -> int:

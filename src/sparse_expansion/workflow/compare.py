@@ -233,9 +233,10 @@ def run_compare(settings: RunSettings, compare_settings: CompareSettings, target
     specs = ([SparsitySpec.create(nm=target.nm)] if target.nm else
              [SparsitySpec.create(sparsity=s) for s in compare_settings.sparsities])
     methods = list(compare_settings.methods)
-    reference = compare_settings.reference or default_reference(methods)
-    if reference not in methods:
+    reference = compare_settings.reference
+    if reference is not None and reference not in methods:
         raise SettingError("reference", f"{{reference}} {reference} is not among {{methods}} ({', '.join(methods)})")
+    reference = reference or default_reference(methods)
     markdown = report_path(compare_settings, output)
     for path in (output.json, markdown):
         if path:
@@ -276,8 +277,9 @@ def _key(row: dict) -> tuple:
     return row["method"], row["sparsity"], row["nm"], row["experts"], row["bits"]
 
 
-def default_reference(methods: list[str]) -> str:
-    return "sparsegpt" if "sparsegpt" in methods else "dense"
+def default_reference(methods: list[str]) -> str | None:
+    """SparseGPT when compared, else dense when compared, else none (no ratios)."""
+    return next((m for m in ("sparsegpt", "dense") if m in methods), None)
 
 
 def _reference_runs(groups: dict, reference: str, key: tuple) -> dict | None:
@@ -289,7 +291,7 @@ def _reference_runs(groups: dict, reference: str, key: tuple) -> dict | None:
     return None
 
 
-def summarize_rows(rows: list[dict], reference: str) -> dict:
+def summarize_rows(rows: list[dict], reference: str | None) -> dict:
     """Per method (and sparsity, experts, bits): the perplexity's mean, std and 95% CI over the seeds, and the
     per-seed ratio to `reference` with its CI and verdict (evaluation/spread.py)."""
     groups: dict[tuple, dict[int, dict]] = {}

@@ -87,8 +87,9 @@ def _ratio_text(entry: dict) -> tuple[str, str]:
 
 def format_summary(summary: dict) -> str:
     """The spread table: mean ± 95% half-width over the seeds, the paired ratio to the reference and its verdict."""
-    header = ["method", "sparsity", "experts", "seeds", "ppl (mean ± 95% CI)", f"/ {summary['reference']} [95% CI]",
-              "verdict", "FFN MFLOP/token"]
+    reference = summary["reference"] or "-"
+    header = ["method", "sparsity", "experts", "seeds", "ppl (mean ± 95% CI)", f"/ {reference} [95% CI]", "verdict",
+              "FFN MFLOP/token"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in summary["groups"]:
         sparsity = g["nm"] or f"{g['sparsity']:.2f}"
