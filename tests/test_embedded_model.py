@@ -17,16 +17,16 @@ def comparison():
     from sparse_expansion.pruning import PruneOptions, SparsitySpec
     from sparse_expansion.workflow import RunSettings, compare, open_session
 
-    # 8 windows of 256 tokens each for calibration and evaluation: the gaps checked below are several-fold
-    # (dense 13.7, Wanda 28.5, SparseGPT 30.6, magnitude 192 at 50%), far above what more windows would change.
-    session = open_session(RunSettings(calib_samples=8, seqlen=256, eval_samples=8, quiet=True))
+    # 4 windows of 256 tokens each for calibration and evaluation: the gaps checked below are several-fold (at 8 + 8
+    # windows: dense 13.7, Wanda 28.5, SparseGPT 30.6, magnitude 192 at 50%), far above what more windows change.
+    session = open_session(RunSettings(calib_samples=4, seqlen=256, eval_samples=4, quiet=True))
     rows = compare(session, ["dense", "magnitude", "wanda", "sparsegpt"], [SparsitySpec(0.5)], PruneOptions())
     return {row["method"]: row for row in rows}
 
 
 def test_dense_perplexity_is_below_30(comparison):
     assert comparison["dense"]["ppl"] < 30
-    assert comparison["dense"]["eval_tokens"] == 8 * 256
+    assert comparison["dense"]["eval_tokens"] == 4 * 256
 
 
 def test_sparsegpt_and_wanda_beat_magnitude_at_half_ffn_sparsity(comparison):
