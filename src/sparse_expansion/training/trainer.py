@@ -54,10 +54,6 @@ class TrainConfig:
         if self.hidden % self.heads:
             raise SettingError("hidden", f"{{hidden}} {self.hidden} is not divisible by {self.heads} heads")
 
-    def validate(self) -> None:
-        """Checked on construction; kept for callers that check a config explicitly."""
-        check_fields(self)
-
     @property
     def intermediate(self) -> int:
         return max(1, round(self.hidden * self.ffn_ratio))
@@ -159,7 +155,6 @@ def open_run(run: Path, config: TrainConfig) -> StateDir:
 def train(run: Path, config: TrainConfig, tokens: torch.Tensor, progress: bool = True,
           device: torch.device | str = "cpu") -> list[Path]:
     """Train (or resume) the run on `tokens` (1-D, compact vocabulary) on `device`; returns its checkpoints."""
-    config.validate()
     open_run(run, config)
     torch.manual_seed(config.seed)
     model = config.model()

@@ -59,9 +59,7 @@ def run_law(out: str, base: TrainConfig, activations: list[str], width_depth: li
     configs = {f"{a}-h{base.hidden}-l{base.layers}": replace(base, activation=a) for a in activations}
     sweep = {f"relu-h{h}-l{n}-sweep": replace(base, activation="relu", hidden=h, layers=n, heads=max(1, h // 32),
                                                 steps=sweep_steps, checkpoint_every=sweep_steps)
-             for h, n in width_depth}
-    for config in (*configs.values(), *sweep.values()):
-        config.validate()
+             for h, n in width_depth}  # each config checked on construction
     root = Path(out)
     _open_study(root, {"runs": {k: asdict(v) for k, v in {**configs, **sweep}.items()}, "ppl_increase": increase,
                        "valid_windows": valid_windows, "calib_windows": calib_windows})
