@@ -26,7 +26,7 @@ import torch
 
 from .expansion import ExpansionConfig, ExpansionReport
 from .io.block_store import default_state_dir
-from .models.loading import LoadedModel
+from .models.loading import LoadedModel, load_model
 from .models.model_dir import save_model_dir
 from .pruning import PruneOptions, PruneReport
 from .pruning.methods import PruneSettings
@@ -104,8 +104,6 @@ def load(path=None, dtype: str = RunSettings.dtype, device: str = RunSettings.de
 
     Returns a `LoadedModel` with `.model` (eval mode, on `device`) and `.tokenizer`.
     """
-    from .models.loading import load_model
-
     return load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quiet=True)
 
 

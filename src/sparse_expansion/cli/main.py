@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
+
+import tqdm
+from transformers.utils import logging as hf_logging
 
 from .. import distributed
 from ..errors import UsageError
@@ -41,9 +45,11 @@ def _join_ranks(parsed: Parsed, argv: list[str] | None) -> None:
 
 
 def _quiet_libraries() -> None:
+    """No progress bars from the libraries either. tqdm reads TQDM_DISABLE when it is first imported, which the
+    front end's imports already did: its bars are switched off on the class (a bar asked for explicitly still
+    shows); the variable covers child processes."""
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from transformers.utils import logging as hf_logging
-
+    tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
