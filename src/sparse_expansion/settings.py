@@ -172,15 +172,25 @@ def one_of(choices: Callable[[], Sequence]) -> Check:
     return _Registry()
 
 
+def not_empty(parameter: str, value) -> None:
+    """A check (for `setting(check=...)` or a `__post_init__`): a list setting must hold something."""
+    if not value:
+        raise SettingError(parameter, f"{{{parameter}}} is empty")
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default (its factory called), or MISSING."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def defaults(cls) -> dict[str, Any]:
     """Field name -> default of a settings dataclass (fields without one are left out)."""
-    found = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            found[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            found[f.name] = f.default_factory()
-    return found
+    found = {f.name: field_default(f) for f in dataclasses.fields(cls)}
+    return {name: value for name, value in found.items() if value is not dataclasses.MISSING}
 
 
 def split(settings: dict[str, Any], *classes) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..settings import SettingError
+from ..settings import SettingError, field_default
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ def add_group(parser: argparse.ArgumentParser, group: Group) -> dict[str, str]:
     flags = {}
     for field in group.fields():
         meta = field.metadata
-        flag, default = flag_of(field), _default(field)
+        flag, default = flag_of(field), field_default(field)
+        default = None if default is dataclasses.MISSING else default
         kind = _base_type(group.settings, field)
         help_text = meta["help"]
         shown = default * meta["scale"] if meta["scale"] != 1.0 and default is not None else default
@@ -104,14 +105,6 @@ def add_group(parser: argparse.ArgumentParser, group: Group) -> dict[str, str]:
             target.add_argument(off[0], action="store_true", dest=f"no_{field.name}", help=off[1])
         flags[field.name] = off[0] if kind is bool and off is not None else flag
     return flags
-
-
-def _default(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return None
 
 
 class Parsed:

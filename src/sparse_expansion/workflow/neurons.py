@@ -25,7 +25,7 @@ from ..layers.protocol import kind_of, linear_shape
 from ..models import discover, load_model
 from ..pruning import PruneOptions, SparsitySpec, get_method, prune_model
 from ..runtime import release_memory
-from ..settings import AtLeast, Each, Interval, OneOf, SettingError, check_fields, floats, ints, setting
+from ..settings import AtLeast, Each, Interval, OneOf, SettingError, check_fields, floats, ints, not_empty, setting
 from .jobs import evaluate
 from .session import Session
 
@@ -33,17 +33,12 @@ ABLATION_SPARSITIES = (0.9, 0.95, 0.99)
 SWEEP_EXPERTS = (1, 2, 4, 8, 16)
 
 
-def _not_empty(parameter: str, value) -> None:
-    if not value:
-        raise SettingError(parameter, f"{{{parameter}}} is empty")
-
-
 @dataclass
 class NeuronOptions:
     """The neurons job (checked on construction; `load_expanded` reads the --expanded manifest)."""
 
     layers: tuple[int, ...] | None = setting(None, "block indices to analyse, e.g. 0,1,5 (default: all)",
-                                             parse=ints, check=_not_empty)
+                                             parse=ints, check=not_empty)
     top_percent: float = setting(3.0, "the Wasserstein neurons: this top percent of each layer by WD",
                                  Interval(0, 100))
     pairs: int | None = setting(None, "token pairs for mapping difficulty (default: all tokens in disjoint pairs)",

@@ -23,6 +23,7 @@ from ..settings import (
     floats,
     ints,
     names,
+    not_empty,
     setting,
 )
 from ..training.trainer import ACTIVATIONS
@@ -46,18 +47,13 @@ class OutputSettings:
         check_fields(self)
 
 
-def _not_empty(parameter: str, value) -> None:
-    if not value:
-        raise SettingError(parameter, f"{{{parameter}}} is empty")
-
-
 @dataclass(frozen=True)
 class CompareSettings:
     """What compare runs: every method at every sparsity (and expert count) on the same windows."""
 
     methods: tuple[str, ...] = setting(factory=lambda: ("dense", "magnitude", "wanda", "sparsegpt"),
                                        help="comma-separated: dense, magnitude, wanda, sparsegpt, sparse-expansion",
-                                       parse=names, check=_not_empty)
+                                       parse=names, check=not_empty)
     sparsities: tuple[float, ...] = setting(factory=lambda: (0.5,), help="sparsities in [0, 1), e.g. 0.5,0.7",
                                             check=Each(SPARSITY), parse=floats, flag="--sparsity")
     experts: tuple[int, ...] = setting(factory=lambda: (ExpansionConfig.experts,),
@@ -72,7 +68,7 @@ class CompareSettings:
 
     def __post_init__(self):
         check_fields(self)
-        _not_empty("experts", self.experts)
+        not_empty("experts", self.experts)
 
 
 PPL_INCREASE = setting(0.01, "perplexity rise over dense that sets the CETT (0.01: PPL-1%)", Positive())
@@ -128,7 +124,7 @@ class LawSettings:
 
     def __post_init__(self):
         check_fields(self)
-        _not_empty("activations", self.activations)
+        not_empty("activations", self.activations)
 
 
 @dataclass(frozen=True)
@@ -211,7 +207,7 @@ class LmEvalSettings:
     tasks: tuple[str, ...] = setting(factory=lambda: DEFAULT_TASKS,
                                      help="comma-separated lm-eval task names (default: the SparseGPT/Wanda "
                                           "zero-shot suite, online); sparse_expansion_local_mc works offline",
-                                     parse=names, check=_not_empty)
+                                     parse=names, check=not_empty)
     include_path: tuple[str, ...] | None = setting(None, "directory of your own lm-eval task YAML files "
                                                          "(repeatable)", repeat=True)
     limit: int | None = setting(None, "at most N examples per task (quick checks only)", LIMIT)
