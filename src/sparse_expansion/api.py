@@ -9,8 +9,10 @@
 
 Keyword settings are the fields of the settings dataclasses, with their defaults and checks (an invalid value is a
 `ValueError` naming the parameter): RunSettings (data, calib_samples, seqlen, seed, device, batch_size, ...),
-PruneSettings (method, sparsity, nm), PruneOptions (bits, blocksize, percdamp) and, for expand, ExpansionConfig
-(experts, pca_reduction, kmeans_*, min_cluster_tokens, method of the experts, selective, ...).
+PruneSettings (method, sparsity, nm), PruneOptions (bits, blocksize, percdamp), SeedSettings (seeds: with out and
+evaluate=True, the build repeated over calibration draws seed, seed + 1, ..., the spread of perplexity in
+out/manifest.json's `perplexity_over_seeds`) and, for expand, ExpansionConfig (experts, pca_reduction, kmeans_*,
+min_cluster_tokens, method of the experts, selective, ...).
 With `out`, the build takes the CLI's one path (workflow/build.py): written block by block into OUT.partial,
 resumable (`resume=True`, or the state directory's path), rank 0 writing under torchrun, the same bytes as
 `sparse-expansion prune/expand` with the same settings. Calibration windows come from `data` (the embedded corpus
@@ -33,8 +35,8 @@ from .pruning.methods import PruneSettings
 from .settings import defaults, split
 from .workflow import RunSettings, session_for
 from .workflow import evaluate as _evaluate
-from .workflow.build import BuildJob, run
-from .workflow.settings import OutputSettings
+from .workflow.build import BuildJob, run, run_over_seeds
+from .workflow.settings import OutputSettings, SeedSettings
 
 
 def _loaded(model, tokenizer, run_settings: dict) -> LoadedModel | None:
@@ -46,7 +48,10 @@ def _loaded(model, tokenizer, run_settings: dict) -> LoadedModel | None:
 
 
 def _build(loaded: LoadedModel | None, job: BuildJob, settings: RunSettings, out, resume, overwrite, format,
-           evaluate, calibration) -> PruneReport | ExpansionReport:
+           evaluate, calibration, seeds: SeedSettings) -> PruneReport | ExpansionReport:
+    if seeds.seeds > 1 and (out is None or calibration is not None):
+        raise ValueError("seeds: runs over several calibration draws are built into out=DIR (with evaluate=True), "
+                         "from the corpus's windows, not calibration=")
     if out is None:
         if loaded is None:
             raise ValueError("out: a model given by path is built into an output directory; pass out=DIR")
@@ -58,6 +63,8 @@ def _build(loaded: LoadedModel | None, job: BuildJob, settings: RunSettings, out
         resume = default_state_dir(out)
     output = OutputSettings(out=str(out), overwrite=overwrite, format=format, eval=evaluate,
                             resume=str(resume) if resume else None)
+    if seeds.seeds > 1:  # the spread of perplexity: out/manifest.json["perplexity_over_seeds"]
+        return run_over_seeds(settings, job, output, seeds, loaded).report
     return run(settings, job, output, loaded, calibration=calibration).report
 
 
@@ -65,10 +72,11 @@ def prune(model=None, tokenizer=None, *, out=None, resume=OutputSettings.resume,
           format=OutputSettings.format, evaluate=OutputSettings.eval,
           calibration: torch.Tensor | None = None, **settings) -> PruneReport:
     """Prune `model` (in memory: in place; a path or None: the model there or the embedded one, into `out`)."""
-    run_kw, target_kw, options_kw = split(settings, RunSettings, PruneSettings, PruneOptions)
+    run_kw, target_kw, options_kw, seeds_kw = split(settings, RunSettings, PruneSettings, PruneOptions, SeedSettings)
     loaded = _loaded(model, tokenizer, run_kw)
     job = BuildJob(PruneSettings(**target_kw), PruneOptions(**options_kw))
-    return _build(loaded, job, RunSettings(**run_kw), out, resume, overwrite, format, evaluate, calibration)
+    return _build(loaded, job, RunSettings(**run_kw), out, resume, overwrite, format, evaluate, calibration,
+                  SeedSettings(**seeds_kw))
 
 
 def expand(model=None, tokenizer=None, *, out=None, resume=OutputSettings.resume, overwrite=OutputSettings.overwrite,
@@ -77,12 +85,14 @@ def expand(model=None, tokenizer=None, *, out=None, resume=OutputSettings.resume
     """Turn every FFN linear of `model` into `experts` sparse experts (in memory: in place; a path or None: into
     `out`). `method` names how each expert is pruned (ExpansionConfig.method)."""
     target_kw = {k: settings.pop(k) for k in ("sparsity", "nm") if k in settings}
-    run_kw, options_kw, expansion_kw = split(settings, RunSettings, PruneOptions, ExpansionConfig)
+    run_kw, options_kw, expansion_kw, seeds_kw = split(settings, RunSettings, PruneOptions, ExpansionConfig,
+                                                       SeedSettings)
     loaded = _loaded(model, tokenizer, run_kw)
     run_settings = RunSettings(**run_kw)
     expansion = ExpansionConfig(**{"seed": run_settings.seed, **expansion_kw})
     job = BuildJob(PruneSettings(**target_kw), PruneOptions(**options_kw), expansion)
-    return _build(loaded, job, run_settings, out, resume, overwrite, format, evaluate, calibration)
+    return _build(loaded, job, run_settings, out, resume, overwrite, format, evaluate, calibration,
+                  SeedSettings(**seeds_kw))
 
 
 def evaluate(model, tokenizer, **settings) -> dict:
@@ -119,7 +129,7 @@ def _signature(function, *classes) -> inspect.Signature:
     return inspect.Signature(own)
 
 
-prune.__signature__ = _signature(prune, RunSettings, PruneSettings, PruneOptions)
+prune.__signature__ = _signature(prune, RunSettings, PruneSettings, PruneOptions, SeedSettings)
 # expand: `method` is the experts' (ExpansionConfig's), `seed` the run's (it seeds the routers too)
-expand.__signature__ = _signature(expand, RunSettings, ExpansionConfig, PruneSettings, PruneOptions)
+expand.__signature__ = _signature(expand, RunSettings, ExpansionConfig, PruneSettings, PruneOptions, SeedSettings)
 evaluate.__signature__ = _signature(evaluate, RunSettings)

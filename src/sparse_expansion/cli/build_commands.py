@@ -12,7 +12,7 @@ from ..workflow import build, format_table
 from ..workflow.compare import report_path, run_compare
 from ..workflow.report import format_summary
 from ..workflow.session import RunSettings
-from ..workflow.settings import CompareSettings, OutputSettings
+from ..workflow.settings import CompareSettings, OutputSettings, SeedSettings
 from . import present
 from .parser import Command, Group, Parsed
 
@@ -21,6 +21,7 @@ EXPANSION = "sparse expansion"
 DATA = "model and data (shared by every command that reads data)"
 OUTPUT = "output"
 BUILD_OUTPUT = Group(OutputSettings, OUTPUT, exclude=("json",), required=("out",))
+SPREAD = Group(SeedSettings, "spread over calibration draws (with --eval)")
 
 
 def _expansion(parsed: Parsed, settings: RunSettings, **override) -> ExpansionConfig:
@@ -30,14 +31,14 @@ def _expansion(parsed: Parsed, settings: RunSettings, **override) -> ExpansionCo
 def run_prune(parsed: Parsed) -> int:
     settings, output = parsed.get(RunSettings), parsed.get(OutputSettings)
     job = build.BuildJob(parsed.get(PruneSettings), parsed.get(PruneOptions))
-    present.built(build.run(settings, job, output), output.out)
+    present.built(build.run_over_seeds(settings, job, output, parsed.get(SeedSettings)), output.out)
     return 0
 
 
 def run_expand(parsed: Parsed) -> int:
     settings, output = parsed.get(RunSettings), parsed.get(OutputSettings)
     job = build.BuildJob(parsed.get(PruneSettings), parsed.get(PruneOptions), _expansion(parsed, settings))
-    present.built(build.run(settings, job, output), output.out)
+    present.built(build.run_over_seeds(settings, job, output, parsed.get(SeedSettings)), output.out)
     return 0
 
 
@@ -58,11 +59,11 @@ def run_compare_command(parsed: Parsed) -> int:
 
 COMMANDS = [
     Command("prune", "prune a model and save it", (
-        Group(PruneSettings, PRUNING), Group(PruneOptions, PRUNING), Group(RunSettings, DATA), BUILD_OUTPUT),
+        Group(PruneSettings, PRUNING), Group(PruneOptions, PRUNING), Group(RunSettings, DATA), BUILD_OUTPUT, SPREAD),
         run_prune),
     Command("expand", "build a Sparse Expansion model (mixture of sparse FFN experts) and save it", (
         Group(PruneSettings, PRUNING, exclude=("method",)), Group(PruneOptions, PRUNING),
-        Group(ExpansionConfig, EXPANSION), Group(RunSettings, DATA, exclude=("scope",)), BUILD_OUTPUT),
+        Group(ExpansionConfig, EXPANSION), Group(RunSettings, DATA, exclude=("scope",)), BUILD_OUTPUT, SPREAD),
         run_expand),
     Command("compare", "several methods on the same calibration and test windows", (
         Group(CompareSettings, "compare"), Group(PruneSettings, PRUNING, only=("nm",)), Group(PruneOptions, PRUNING),

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..runtime import __version__
 from ..settings import SettingError, field_default
 
 
@@ -159,6 +160,7 @@ class OneLineErrors(argparse.ArgumentParser):
 def build_parser(commands: dict[str, Command]) -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
     """The parser of every command, and each command's field -> flag map."""
     parser = OneLineErrors(prog="sparse-expansion", description="One-shot pruning and Sparse Expansion of causal LMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     flags = {}
     for command in commands.values():

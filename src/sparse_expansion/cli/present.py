@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..evaluation import spread
+
 
 def built(result, out: str) -> None:
     report, data = result.report, result.manifest
@@ -18,6 +20,12 @@ def built(result, out: str) -> None:
               f"M); stored {costs['stored_bytes'] / 2**20:.0f} MiB")
     if "perplexity" in data:
         print(f"perplexity {data['perplexity']['ppl']:.3f} on {data['perplexity']['eval_tokens']} tokens")
+    over = data.get("perplexity_over_seeds")
+    if over:
+        ppl = over["ppl"]
+        print(f"perplexity over {ppl['n']} calibration seeds ({', '.join(map(str, over['seeds']))}): "
+              f"{ppl['mean']:.3f} ± {ppl['half_width']:.3f} (95% CI [{ppl['ci_low']:.3f}, {ppl['ci_high']:.3f}], "
+              f"std {ppl['std']:.3f}); the model written is seed {over['seeds'][0]}'s")
 
 
 def perplexity(result: dict, seqlen: int) -> None:
@@ -38,6 +46,15 @@ def neurons(summary: dict, out: str) -> None:
     for row in summary.get("ablation", [])[1:]:
         sparsity = "zero negative" if row["sparsity"] is None else f"{row['sparsity']:.0%}"
         print(f"  ablation {row['criterion']} {sparsity}: perplexity {row['ppl']:.3f}")
+    over = summary.get("ablation_over_seeds")
+    if over:
+        print(f"  over {len(over['seeds'])} calibration seeds (95% CI; ratio to the Wasserstein choice, paired):")
+        for g in over["groups"]:
+            vs = g.get("vs_wasserstein")
+            if vs is not None:
+                sparsity = "zero negative" if g["sparsity"] is None else f"{g['sparsity']:.0%}"
+                print(f"    {g['criterion']} {sparsity}: perplexity {spread.describe(g['ppl'])}, "
+                      f"/ wasserstein {vs['mean']:.3f} [{vs['ci_low']:.3f}, {vs['ci_high']:.3f}]: {vs['verdict']}")
     d = summary.get("disentanglement", {}).get("wd_wasserstein_neurons", {})
     if d.get("neurons"):
         print(f"  disentanglement: weighted WD lower for {d['fraction_lower']:.1%} of the Wasserstein neurons, "
@@ -48,6 +65,17 @@ def activations(result: dict, increase: float) -> None:
     print(f"PPL-{increase:.1%} activation ratio {result['activation_ratio']:.4f} (sparsity {result['sparsity']:.4f}) "
           f"at CETT {result['cett']:.4f}: perplexity {result['sparse_ppl']:.4f} against dense "
           f"{result['dense_ppl']:.4f} ({result['ppl_ratio']:.4f}x) on {result['eval_tokens']} tokens")
+    for name, point in (result.get("at_cett_ratio") or {}).items():
+        print(f"  {name} at the same activation ratio ({point['activation_ratio']:.4f}): perplexity {point['ppl']:.4f}")
+    over = result.get("over_seeds")
+    if over:
+        print(f"over {len(over['seeds'])} calibration seeds (95% CI): activation ratio "
+              f"{spread.describe(over['activation_ratio'], 4)}, perplexity {spread.describe(over['sparse_ppl'], 4)} "
+              f"({spread.describe(over['ppl_ratio'], 4)}x dense), CETT {spread.describe(over['cett'], 4)}")
+        for name, entry in (over.get("at_cett_ratio") or {}).items():
+            vs = entry["vs_cett"]
+            print(f"  {name} / CETT at equal activation ratio: {vs['mean']:.4f} [{vs['ci_low']:.4f}, "
+                  f"{vs['ci_high']:.4f}]: {vs['verdict']}")
 
 
 def law(result: dict, out: str) -> None:

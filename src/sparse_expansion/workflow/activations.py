@@ -16,6 +16,7 @@ from ..activation.thresholds import (
     thresholded,
     top_k_rule,
 )
+from ..evaluation import spread
 from .jobs import evaluate
 from .session import Session
 
@@ -45,16 +46,39 @@ def run_activations(session: Session, increase: float = 0.01, max_tokens: int = 
     best, steps = search_cett(measure, dense["ppl"], increase, iterations)
     thresholds, ratios, ppl = cache[best.cett]
     curves = sweep_baselines(session, activations) if baselines else None
+    at_cett = at_ratio(session, activations, best.activation_ratio) if baselines else None
     if install:
         install_thresholds(session.model, neuron_thresholds(activations, thresholds), ratios)
-    return {"curves": curves, "model": session.loaded.source, "settings": session.settings.describe(),
-            "data": session.data_summary(),
+    return {"curves": curves, "at_cett_ratio": at_cett, "model": session.loaded.source,
+            "settings": session.settings.describe(), "data": session.data_summary(),
             "ppl_increase": increase, "dense_ppl": dense["ppl"], "sparse_ppl": ppl, "ppl_ratio": ppl / dense["ppl"],
             "activation_ratio": best.activation_ratio, "sparsity": 1 - best.activation_ratio, "cett": best.cett,
             "eval_tokens": dense["eval_tokens"], "threshold_tokens_per_layer": max_tokens,
             "layers": [{"layer": path, "threshold": thresholds[path], "activation_ratio": ratios.get(path)}
                        for path in thresholds],
             "search": [vars(step) for step in steps]}
+
+
+def at_ratio(session: Session, activations, ratio: float) -> dict[str, dict]:
+    """Top-k per layer (k = ratio x d_f) and one global threshold (FAT-epsilon, the calibration |x| quantile that
+    keeps `ratio`) at the activation ratio CETT chose: their perplexity on the same test windows, for a comparison
+    at equal activation ratio (the ratios they reach on the test windows are recorded beside it)."""
+    paths = list(activations.inputs)
+    width = activations.inputs[paths[0]].shape[1]
+    epsilon = float(torch.quantile(_magnitude_sample(activations), 1 - ratio))
+    found = {}
+    for name, rule, extra in (("top-k", top_k_rule(max(1, round(ratio * width))), {"k_ratio": ratio}),
+                              ("FAT-epsilon", global_threshold_rule(epsilon), {"epsilon": epsilon})):
+        with masked(session.model, {p: rule for p in paths}) as counter:
+            result = evaluate(session, session.model, desc=name)
+        found[name] = {"ppl": result["ppl"], "activation_ratio": counter.ratio(), **extra}
+    return found
+
+
+def _magnitude_sample(activations, limit: int = 1 << 22) -> torch.Tensor:
+    """|x| of every layer's calibration activations, a fixed random sample of at most `limit` of them."""
+    magnitudes = torch.cat([x.abs().flatten() for x in activations.inputs.values()])
+    return magnitudes[torch.randperm(magnitudes.numel(), generator=torch.Generator().manual_seed(0))[:limit]]
 
 
 def sweep_baselines(session: Session, activations) -> dict[str, list[dict]]:
@@ -74,8 +98,7 @@ def sweep_baselines(session: Session, activations) -> dict[str, list[dict]]:
         with thresholded(model, per_neuron) as counter:
             result = evaluate(session, model, desc=f"CETT {target}")
         curves["CETT"].append({"ppl": result["ppl"], "activation_ratio": counter.ratio(), "cett": target})
-    magnitudes = torch.cat([x.abs().flatten() for x in activations.inputs.values()])
-    sample = magnitudes[torch.randperm(magnitudes.numel(), generator=torch.Generator().manual_seed(0))[:1 << 22]]
+    sample = _magnitude_sample(activations)
     for ratio in RATIO_SWEEP:
         width = activations.inputs[paths[0]].shape[1]
         curves["top-k"].append(point({p: top_k_rule(max(1, round(ratio * width))) for p in paths}, k_ratio=ratio))
@@ -83,3 +106,35 @@ def sweep_baselines(session: Session, activations) -> dict[str, list[dict]]:
         curves["FAT-epsilon"].append(point({p: global_threshold_rule(epsilon) for p in paths}, epsilon=epsilon))
     curves["exact zeros"] = [point({p: nonzero_rule for p in paths})]
     return curves
+
+
+def run_activations_over_seeds(session: Session, seeds: list[int], increase: float = 0.01, max_tokens: int = 4096,
+                               install: bool = False, baselines: bool = False) -> dict:
+    """`run_activations` once per calibration seed (the thresholds and the CETT searched anew on each draw; the test
+    windows the same). The result is the first seed's (its thresholds are the ones installed) with `over_seeds`:
+    the spread of activation ratio, perplexity ratio and CETT, and with `baselines` top-k's and FAT-epsilon's
+    perplexity at CETT's activation ratio paired by seed against CETT's (ratio < 1: the baseline is better)."""
+    runs = {}
+    for seed in seeds[1:] + seeds[:1]:  # the first seed last: installing its thresholds changes the model
+        session.use_seed(seed)
+        runs[seed] = run_activations(session, increase, max_tokens, install=install and seed == seeds[0],
+                                     baselines=baselines)
+    session.use_seed(seeds[0])
+    result = runs[seeds[0]]
+    if len(seeds) == 1:
+        return result
+    ordered = [runs[s] for s in seeds]
+    over = {"seeds": seeds, "confidence": spread.CONFIDENCE,
+            **{key: spread.summarize([r[key] for r in ordered])
+               for key in ("activation_ratio", "sparsity", "sparse_ppl", "ppl_ratio", "cett")},
+            "runs": [{"seed": s, **{k: runs[s][k] for k in ("activation_ratio", "sparse_ppl", "ppl_ratio", "cett",
+                                                            "at_cett_ratio")}} for s in seeds]}
+    if baselines:
+        cett = [r["sparse_ppl"] for r in ordered]
+        over["at_cett_ratio"] = {
+            name: {"ppl": spread.summarize([r["at_cett_ratio"][name]["ppl"] for r in ordered]),
+                   "activation_ratio": spread.summarize([r["at_cett_ratio"][name]["activation_ratio"]
+                                                         for r in ordered]),
+                   "vs_cett": spread.paired_ratio([r["at_cett_ratio"][name]["ppl"] for r in ordered], cett)}
+            for name in ordered[0]["at_cett_ratio"]}
+    return {**result, "over_seeds": over}

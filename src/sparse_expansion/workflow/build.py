@@ -11,14 +11,18 @@ after its turn (unless the caller's own in-memory model is being changed, `loade
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import shutil
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .. import distributed
 from ..errors import UsageError
+from ..evaluation import spread
 from ..expansion import ExpansionConfig, ExpansionReport
 from ..io import check_output_path
 from ..io.block_store import BlockStore, default_state_dir
@@ -28,11 +32,12 @@ from ..models.loading import LoadedModel
 from ..models.model_dir import save_model_dir
 from ..pruning import PruneOptions, PruneReport, get_method
 from ..pruning.methods import PruneSettings
+from ..settings import SettingError
 from . import streamed
 from .jobs import evaluate, expand_session_model, prune_session_model
-from .report import manifest
+from .report import manifest, windows_digest
 from .session import RunSettings, Session, open_session, session_for
-from .settings import OutputSettings
+from .settings import OutputSettings, SeedSettings
 
 # Settings that say where and how a run reports, not what it computes: a resumed run may change them.
 VOLATILE = frozenset({"out", "resume", "overwrite", "quiet", "eval", "json", "report", "offload_dir"})
@@ -167,3 +172,47 @@ def run(settings: RunSettings, job: BuildJob, output: OutputSettings, loaded: Lo
         data["perplexity"] = evaluate(session, built)
         distributed.on_main(update_manifest, output.out, {"perplexity": data["perplexity"]})
     return BuildResult(session, report, data)
+
+
+def run_over_seeds(settings: RunSettings, job: BuildJob, output: OutputSettings, seeds: SeedSettings,
+                   loaded: LoadedModel | None = None) -> BuildResult:
+    """`run` at `settings.seed` into `output.out`, then the same build at each further seed (seed + 1, ...: other
+    calibration draws, the routers' k-means seeded alike) into a temporary directory beside it, evaluated on the
+    same test windows and deleted. The written model's manifest gets `perplexity_over_seeds`: every run's
+    perplexity and the digests of its windows, their mean, std and 95% interval (evaluation/spread.py)."""
+    if seeds.seeds == 1:
+        return run(settings, job, output, loaded)
+    if not output.eval:
+        raise SettingError("seeds", "{seeds} above 1 measures how far perplexity moves between calibration draws: "
+                                    "it needs {eval}")
+    if not job.uses_data:
+        raise SettingError("seeds", f"{job.target.method} reads no calibration data, so every seed gives the same "
+                                    "model: drop {seeds}")
+    pristine = None if loaded is None else dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    first = run(settings, job, output, loaded)
+    runs = [_seed_run(first, settings.seed)]
+    target = Path(output.out)
+    for seed in seeds.of(settings.seed)[1:]:
+        scratch = target.parent / f".{target.name}.seed-{seed}"
+        other = dataclasses.replace(job, expansion=None if job.expansion is None else
+                                    dataclasses.replace(job.expansion, seed=seed))
+        fresh = None if pristine is None else dataclasses.replace(pristine, model=copy.deepcopy(pristine.model))
+        try:
+            result = run(dataclasses.replace(settings, seed=seed), other,
+                         OutputSettings(out=str(scratch), overwrite=True, format=output.format, eval=True), fresh)
+        finally:
+            distributed.on_main(shutil.rmtree, scratch, ignore_errors=True)
+        runs.append(_seed_run(result, seed))
+    ppl = [r["ppl"] for r in runs]
+    first.manifest["perplexity_over_seeds"] = {"seeds": [r["seed"] for r in runs], "runs": runs,
+                                               "ppl": spread.summarize(ppl), "confidence": spread.CONFIDENCE}
+    distributed.on_main(update_manifest, output.out, {"perplexity_over_seeds":
+                                                      first.manifest["perplexity_over_seeds"]})
+    return first
+
+
+def _seed_run(result: BuildResult, seed: int) -> dict:
+    session = result.session
+    return {"seed": seed, "ppl": result.manifest["perplexity"]["ppl"],
+            "calib_windows_sha256": windows_digest(session.calibration()),
+            "test_windows_sha256": windows_digest(session.evaluation())}

@@ -33,7 +33,7 @@ from .build import fingerprint
 from .jobs import calibration_warning, evaluate, expand_session_model, prune_session_model
 from .report import compare_figure, environment, markdown_report, windows_digest
 from .session import RunSettings, Session, open_session
-from .settings import CompareSettings, OutputSettings
+from .settings import CompareSettings, OutputSettings, SeedSettings
 from .streamed import build_streamed
 
 EXPANSION = "sparse-expansion"
@@ -135,13 +135,6 @@ def _jobs(chosen: list[Technique], specs: list[SparsitySpec], experts: list[int]
     return jobs
 
 
-def _use_seed(session: Session, seed: int) -> None:
-    """Draw the calibration windows with `seed` from now on (the test windows stay the ones already cut)."""
-    if session.settings.seed != seed:
-        session.settings = dataclasses.replace(session.settings, seed=seed)
-        session.calib = None
-
-
 def _row(session: Session, t: Technique, spec, k, options: PruneOptions, model, report) -> dict:
     s = session.settings
     calib_tokens = int(session.calib.numel()) if session.calib is not None and t.uses_data else 0
@@ -181,7 +174,7 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
         if state is not None and index < len(state.rows):
             rows.append(state.rows[index])  # finished before the interruption
             continue
-        _use_seed(session, seed)
+        session.use_seed(seed)
         config = dataclasses.replace(expansion, seed=seed)
         model, report = session.model, None
         if t.apply is not None:
@@ -245,7 +238,7 @@ def run_compare(settings: RunSettings, compare_settings: CompareSettings, target
     if output.resume or output.json:
         fp = fingerprint(settings, compare_settings, target, options, expansion)
         state = CompareState(output.resume or default_state_dir(output.json), fp, bool(output.resume))
-    seeds = [settings.seed + i for i in range(compare_settings.seeds)]
+    seeds = SeedSettings(compare_settings.seeds).of(settings.seed)
     try:
         session = open_session(settings)
         rows = compare(session, methods, specs, options, experts=list(compare_settings.experts),

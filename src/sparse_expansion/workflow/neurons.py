@@ -5,6 +5,7 @@ atomically (a failed or interrupted run leaves nothing behind)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from ..analysis import ablation, disentangle, plots, records
 from ..analysis.neurons import analyze_neurons, layer_outputs, walk_ffn_inputs
 from ..analysis.wasserstein import wasserstein_to_gaussian
 from ..errors import literal
+from ..evaluation import spread
 from ..expansion import ExpansionConfig, expand_linear
 from ..expansion.fitting import EXPERTS
 from ..io import atomic_output_dir, atomic_write_text
@@ -78,6 +80,11 @@ class NeuronOptions:
         return sorted(set(self.layers))
 
 
+def check_seeds(options: NeuronOptions, seeds: list[int]) -> None:
+    if len(seeds) > 1 and not options.ablate:
+        raise SettingError("seeds", "{seeds} above 1 repeats the ablation over calibration draws: it needs {ablate}")
+
+
 def expanded_manifest(path: str) -> dict:
     directory = Path(path)
     if not directory.is_dir():
@@ -107,9 +114,14 @@ def check_expanded_matches(model, path: str, manifest: dict) -> None:
                                            f"{shape[0]}x{shape[1]} here (built from another model?)")
 
 
-def run_neurons(session: Session, out: str, options: NeuronOptions, overwrite: bool = False) -> dict:
-    """Measure, write and (optionally) ablate and compare with an expanded model; returns the summary."""
+def run_neurons(session: Session, out: str, options: NeuronOptions, overwrite: bool = False,
+                seeds: list[int] | None = None) -> dict:
+    """Measure, write and (optionally) ablate and compare with an expanded model; returns the summary. With more
+    than one of `seeds` (the first is the session's), the ablation is repeated on each further calibration draw:
+    the neurons measured anew there, chosen by each criterion and ablated, against the same test windows."""
     options.load_expanded()
+    seeds = seeds or [session.settings.seed]
+    check_seeds(options, seeds)
     blocks = options.blocks(len(session.layout.blocks))
     if options.expanded:
         check_expanded_matches(session.model, options.expanded, options._manifest)
@@ -137,6 +149,9 @@ def run_neurons(session: Session, out: str, options: NeuronOptions, overwrite: b
             plots.summary_figure(rows, tmp / "summary.png")
         if options.ablate:
             summary["ablation"] = run_ablation(session, measured, options, tmp)
+            if len(seeds) > 1:
+                summary["ablation_over_seeds"] = ablation_over_seeds(session, blocks, options, seeds,
+                                                                     summary["ablation"], tmp)
         if options.expanded:
             summary["disentanglement"] = run_disentanglement(session, blocks, options, tmp)
         records.write_json(tmp / "summary.json", summary)
@@ -151,6 +166,17 @@ def _short(row: dict) -> dict:
 # -- ablation ----------------------------------------------------------------------------------------------
 
 def run_ablation(session: Session, layers: list, options: NeuronOptions, out: Path) -> list[dict]:
+    results = ablation_runs(session, layers, options)
+    records.write_json(out / "ablation.json", {"top_percent": options.top_percent, "results": results})
+    atomic_write_text(out / "ablation.md", ablation_table(results, options.top_percent))
+    if options.plots:
+        plots.ablation_figure(results, out / "ablation.png")
+    return results
+
+
+def ablation_runs(session: Session, layers: list, options: NeuronOptions) -> list[dict]:
+    """Dense, then every criterion at every sparsity of its selected rows (and with negative pre-activations
+    zeroed): the perplexity on the session's test windows, with the rows chosen on its calibration windows."""
     s = session.settings
     windows = session.calibration()
     roles = {layer.path: layer.role for layer in layers}
@@ -181,11 +207,75 @@ def run_ablation(session: Session, layers: list, options: NeuronOptions, out: Pa
         results.append({"variant": "sparsegpt-rows", "criterion": criterion, "sparsity": sparsity,
                         "ppl": result["ppl"], "eval_tokens": result["eval_tokens"], "neurons": selected,
                         "measured_row_sparsity": report.overall_sparsity(), "overlap_with_wasserstein": overlap})
-    records.write_json(out / "ablation.json", {"top_percent": options.top_percent, "results": results})
-    atomic_write_text(out / "ablation.md", ablation_table(results, options.top_percent))
-    if options.plots:
-        plots.ablation_figure(results, out / "ablation.png")
     return results
+
+
+def ablation_over_seeds(session: Session, blocks: list[int], options: NeuronOptions, seeds: list[int],
+                        first: list[dict], out: Path) -> dict:
+    """The ablation at every further seed (neurons measured on that draw, its random choice seeded alike), then per
+    variant, criterion and sparsity the perplexity's spread and its ratio to the Wasserstein choice's, paired by
+    seed (ratio < 1: that choice hurts less than the Wasserstein neurons). Written to ablation_seeds.json/.md."""
+    s = session.settings
+    runs = {seeds[0]: first}
+    for seed in seeds[1:]:
+        session.use_seed(seed)
+        seeded = dataclasses.replace(options, seed=seed)
+        measured = []
+
+        def keep(layer) -> None:
+            layer.examples = {}
+            measured.append(layer)
+            release_memory()
+
+        analyze_neurons(session.model, session.layout, session.calibration(), blocks, keep, seeded.top_percent,
+                        seeded.pairs, seed, s.device, s.batch_size, progress=not s.quiet)
+        runs[seed] = ablation_runs(session, measured, seeded)
+    session.use_seed(seeds[0])
+    result = ablation_spread(runs, seeds)
+    records.write_json(out / "ablation_seeds.json", {"top_percent": options.top_percent, **result})
+    atomic_write_text(out / "ablation_seeds.md", ablation_spread_table(result, options.top_percent))
+    return result
+
+
+def _variant_key(row: dict) -> tuple:
+    return row["variant"], row["criterion"], row["sparsity"]
+
+
+def ablation_spread(runs: dict[int, list[dict]], seeds: list[int]) -> dict:
+    """Group the seeds' ablation rows by (variant, criterion, sparsity): perplexity mean/std/CI, and the ratio to
+    the Wasserstein criterion's row of the same variant and sparsity, seed by seed."""
+    by_key = {seed: {_variant_key(r): r for r in rows} for seed, rows in runs.items()}
+    groups = []
+    for key in by_key[seeds[0]]:
+        ppl = [by_key[seed][key]["ppl"] for seed in seeds]
+        entry = {"variant": key[0], "criterion": key[1], "sparsity": key[2], "ppl": spread.summarize(ppl)}
+        reference = (key[0], "wasserstein", key[2])
+        if key[1] not in (None, "wasserstein") and reference in by_key[seeds[0]]:
+            entry["vs_wasserstein"] = spread.paired_ratio(ppl, [by_key[seed][reference]["ppl"] for seed in seeds])
+        groups.append(entry)
+    return {"seeds": seeds, "confidence": spread.CONFIDENCE, "groups": groups, "runs": {str(k): v for k, v in
+                                                                                       runs.items()}}
+
+
+def ablation_spread_table(result: dict, top_percent: float) -> str:
+    n = len(result["seeds"])
+    lines = [f"Perplexity with the top {top_percent:g}% of each FFN linear's neurons, chosen by each criterion, "
+             f"sparsified: mean ± 95% half-width over {n} calibration seeds ({', '.join(map(str, result['seeds']))}), "
+             "and the ratio to the Wasserstein choice at the same sparsity, paired by seed (below 1: that choice "
+             "hurts less than the Wasserstein neurons).", "",
+             "| criterion | variant | sparsity of the selected rows | perplexity | / wasserstein [95% CI] | verdict |",
+             "|---|---|---|---|---|---|"]
+    for g in result["groups"]:
+        sparsity = "-" if g["sparsity"] is None else f"{g['sparsity']:.0%}"
+        variant = {"dense": "dense", "zero-negative": "negative pre-activations zeroed"}.get(g["variant"],
+                                                                                              "SparseGPT on the rows")
+        vs = g.get("vs_wasserstein")
+        ratio = "-" if vs is None else f"{vs['mean']:.3f} [{vs['ci_low']:.3f}, {vs['ci_high']:.3f}]"
+        words = "-" if vs is None else {"better": "hurts less", "worse": "hurts more"}.get(vs["verdict"],
+                                                                                            vs["verdict"])
+        lines.append(f"| {g['criterion'] or '-'} | {variant} | {sparsity} | {spread.describe(g['ppl'])} | {ratio} | "
+                     f"{words} |")
+    return "\n".join(lines) + "\n"
 
 
 def _overlap(rows: dict, reference: dict) -> float:

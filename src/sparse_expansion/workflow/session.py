@@ -3,6 +3,7 @@ each tokenized once and shared by every job of the command."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,12 @@ class Session:
                                              bos=self.bos_token_id)
             release_memory()  # tokenizing a corpus leaves hundreds of MB of freed heap behind
         return self.calib
+
+    def use_seed(self, seed: int) -> None:
+        """Draw the calibration windows with `seed` from now on (the test windows stay the ones already cut)."""
+        if self.settings.seed != seed:
+            self.settings = dataclasses.replace(self.settings, seed=seed)
+            self.calib = None
 
     def evaluation(self) -> torch.Tensor:
         if self._eval is None:

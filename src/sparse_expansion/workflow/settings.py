@@ -47,6 +47,25 @@ class OutputSettings:
         check_fields(self)
 
 
+SEEDS = setting(1, "runs, run i drawing its calibration windows (and k-means, token pairs, random choices) with "
+                   "seed --seed + i; the test windows stay the same, so runs pair by seed; mean, std and 95% "
+                   "intervals in the results", AtLeast(1))
+
+
+@dataclass(frozen=True)
+class SeedSettings:
+    """How many calibration draws a job repeats over (its spread; evaluation/spread.py)."""
+
+    seeds: int = SEEDS
+
+    def __post_init__(self):
+        check_fields(self)
+
+    def of(self, first: int) -> list[int]:
+        """The seeds of the runs: first, first + 1, ..."""
+        return [first + i for i in range(self.seeds)]
+
+
 @dataclass(frozen=True)
 class CompareSettings:
     """What compare runs: every method at every sparsity (and expert count) on the same windows."""
@@ -60,9 +79,7 @@ class CompareSettings:
                                        help="experts per FFN linear, one Sparse Expansion run each: e.g. 1,4,16",
                                        check=Each(EXPERTS), parse=ints)
     report: str | None = setting(None, "Markdown report (default: next to --json, .md)")
-    seeds: int = setting(1, "runs of every method, run i drawing its calibration windows (and k-means) with seed "
-                            "--seed + i; the test windows stay the same, so runs pair by seed; mean, std and 95% "
-                            "intervals in the report", AtLeast(1))
+    seeds: int = SEEDS
     reference: str | None = setting(None, "the method each other is compared with, seed by seed (default: "
                                           "sparsegpt when compared, else dense)")
 
