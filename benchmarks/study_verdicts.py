@@ -78,6 +78,7 @@ def steps(study: str) -> list[list[str]]:
             path = OUT / "c_activations" / f"seed-{seed}.json"
             if not path.exists():
                 found.append([*_cli(), "activations", "--baselines", "--ppl-increase", "0.01", *CALIB,
+                              "--max-tokens", "16384",  # every calibration token of the draw, not 4,096
                               "--eval-samples", "16", "--seed", str(seed), "--json", str(path)])
         elif study == "d":
             path = OUT / "d_neurons" / f"seed-{seed}"

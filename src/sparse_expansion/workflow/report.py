@@ -47,6 +47,8 @@ def format_table(rows: list[dict]) -> str:
               "build s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
+        if r.get("repeated"):
+            continue  # a data-free method's one run, repeated at each seed for the pairing: shown once
         sparsity = r["nm"] or f"{r['sparsity']:.2f}"
         if r.get("bits"):
             sparsity += f" + {r['bits']}-bit"
