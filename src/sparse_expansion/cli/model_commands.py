@@ -11,6 +11,7 @@ from ..bench.model import model_benchmark
 from ..evaluation import zero_shot
 from ..io import atomic_write_text, check_output_path
 from ..models import load_model
+from ..models.loading import check_model_spec
 from ..workflow.generate import run_generate
 from ..workflow.session import RunSettings
 from ..workflow.settings import BenchSettings, GenerateSettings, InferenceSettings, LmEvalSettings, OutputSettings
@@ -50,6 +51,7 @@ def run_lm_eval(parsed: Parsed) -> int:
     model, chosen, output = parsed.get(RunSettings), parsed.get(LmEvalSettings), parsed.get(OutputSettings)
     if output.json:
         check_output_path(output.json, overwrite=True)
+    check_model_spec(model.model)  # a missing model fails before lm-eval indexes its tasks (half a minute)
     manager = zero_shot.task_manager(chosen.include_path)  # unknown tasks fail before the model loads
     tasks = zero_shot.check_tasks(manager, chosen.tasks)
     loaded = load_model(model.model, dtype=model.dtype, device=model.device, trust_remote_code=model.trust_remote_code,

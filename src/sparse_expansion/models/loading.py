@@ -116,6 +116,20 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1 or os.path.isabs(spec)
 
 
+def check_model_spec(spec: str | None) -> None:
+    """Refuse, before any expensive work, a `--model` that is neither the default, a directory, a .gguf file nor
+    a hub id (a missing path, another kind of file)."""
+    if spec in (None, "", "default"):
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return
+    if path.exists():
+        raise SettingError("model", f"{{model}} {literal(spec)}: expected a model directory or a .gguf file")
+    if _looks_like_path(str(spec)):
+        raise UsageError(f"model path not found: {spec}")
+
+
 def load_model(
     spec: str | None = None,
     dtype: str = "float32",
@@ -136,6 +150,7 @@ def load_model(
         path = default_model_dir(quiet=quiet)
         source = f"{DEFAULT_MODEL_NAME} (embedded, {path})"
     else:
+        check_model_spec(spec)
         path = Path(spec).expanduser()
         source = str(spec)
     manifest = None
@@ -156,11 +171,7 @@ def load_model(
             model, tokenizer, manifest = load_model_dir(path, torch_dtype, trust_remote_code,
                                                         compact=compact and torch_device.type == "cpu")
         local_dir = path
-    elif path.exists():
-        raise SettingError("model", f"{{model}} {literal(spec)}: expected a model directory or a .gguf file")
-    elif _looks_like_path(str(spec)):
-        raise UsageError(f"model path not found: {spec}")
-    else:
+    else:  # a hub id (check_model_spec refused everything else)
         with _quiet_transformers(quiet):
             try:
                 tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
