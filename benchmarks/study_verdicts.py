@@ -127,6 +127,17 @@ def _windows(*payloads: dict) -> None:
         raise SystemExit("the studies' compare runs were evaluated on different test windows")
 
 
+def _environments(*payloads: dict) -> list[dict]:
+    """The distinct rounding environments the compare runs ran in (resumed studies may span machines)."""
+    found = []
+    for payload in payloads:
+        for row in (payload or {}).get("results", []):
+            env = row.get("environment") or payload["environment"]
+            if env not in found:
+                found.append(env)
+    return found
+
+
 def derive_a(a: dict) -> list[dict]:
     found = []
     for s in SPARSITIES:
@@ -172,10 +183,11 @@ def derive_d(runs: list[list[dict]]) -> list[dict]:
     by_seed = [{(r["variant"], r["criterion"], r["sparsity"]): {"ppl": r["ppl"]} for r in rows} for rows in runs]
     for variant, sparsity in (("sparsegpt-rows", 0.9), ("sparsegpt-rows", 0.99), ("zero-negative", None)):
         reference = {i: rows[(variant, "wasserstein", sparsity)] for i, rows in enumerate(by_seed)}
-        for criterion in ("random", "output_mean", "output_variance", "weight_norm"):
+        controls = [k[1] for k in by_seed[0] if k[0] == variant and k[2] == sparsity and k[1] != "wasserstein"]
+        if not controls:
+            raise SystemExit(f"the ablation has no {variant} rows at sparsity {sparsity}")
+        for criterion in controls:  # the neurons job's own names: mean, variance, weight-norm, random
             key = (variant, criterion, sparsity)
-            if key not in by_seed[0]:
-                continue
             label = "negative pre-activations zeroed" if sparsity is None else f"{sparsity:.0%} of the rows"
             found.append(_pair(f"{criterion} / wasserstein, {label}", {i: rows[key] for i, rows in enumerate(by_seed)},
                                reference, variant=variant, criterion=criterion, sparsity=sparsity))
@@ -216,7 +228,8 @@ def derive() -> dict:
     c = [json.loads(p.read_text()) for p in sorted((OUT / "c_activations").glob("seed-*.json"))]
     d = [json.loads((p / "ablation.json").read_text())["results"]
          for p in sorted((OUT / "d_neurons").glob("seed-*")) if (p / "ablation.json").exists()]
-    verdicts = {"a": derive_a(a) if a else None, "b": derive_b(a, b) if a and b else None,
+    environments = _environments(a, b, e)
+    verdicts = {"environments": environments, "a": derive_a(a) if a else None, "b": derive_b(a, b) if a and b else None,
                 "c": derive_c(c) if len(c) > 1 else None, "d": derive_d(d) if len(d) > 1 else None,
                 "e": derive_e(a, e) if a and e else None}
     titles = {"a": "(a) equal per-expert sparsity", "b": "(b) equal FFN FLOPs per token (routers counted)",
@@ -225,7 +238,11 @@ def derive() -> dict:
     lines = ["# Verdicts over calibration seeds (benchmarks/study_verdicts.py derive)", "",
              "Ratios are paired by seed (method / reference; below 1: lower perplexity than the reference), with "
              "their 95% Student-t interval.", ""]
+    described = "; ".join(f"{e['cpu']} {e['aten_cpu_capability']}, {e['threads']} threads" for e in environments)
+    lines += [f"Rounding environments of the compare runs: {len(environments)} ({described}).", ""]
     for key, entries in verdicts.items():
+        if key == "environments":
+            continue
         lines += [f"## {titles[key]}", ""]
         if not entries:
             lines += ["(not run yet)", ""]
@@ -242,11 +259,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     runner = sub.add_parser("run")
-    runner.add_argument("study", choices=("a", "b", "c", "d", "e", "all"))
+    runner.add_argument("study", help="a, b, c, d, e, a comma list of them (in that order), or all")
     sub.add_parser("derive")
     args = parser.parse_args()
     if args.action == "run":
-        run(list("abecd") if args.study == "all" else [args.study])
+        run(list("abecd") if args.study == "all" else args.study.split(","))
     else:
         derive()
 

@@ -145,7 +145,8 @@ def _row(session: Session, t: Technique, spec, k, options: PruneOptions, model, 
            "measured_sparsity": report.overall_sparsity() if report else 0.0,
            "calibration_warning": calibration_warning(session, t.scope or s.scope) if t.uses_data else None,
            "calib_windows_sha256": windows_digest(session.calib) if t.uses_data else None,
-           "test_windows_sha256": windows_digest(session.evaluation())}
+           "test_windows_sha256": windows_digest(session.evaluation()),
+           "environment": environment(session)}  # per run: a resumed compare may run on another machine
     row.update(ffn_costs(model, discover(model)))
     row.update(evaluate(session, model, desc=f"ppl {t.name}"))
     return row
