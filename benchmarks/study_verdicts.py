@@ -2,6 +2,7 @@
 
     python benchmarks/study_verdicts.py run a        # one study (a..e), resumable: run it again after a stop
     python benchmarks/study_verdicts.py run all      # every study, one after the other
+    python benchmarks/study_verdicts.py status       # finished runs of each study
     python benchmarks/study_verdicts.py derive       # docs/study/verdicts/verdicts.json and verdicts.md
 
 Every run draws its calibration windows with seed 0..4 (64 windows of 256 tokens each, 16,384 tokens), the test
@@ -255,15 +256,34 @@ def derive() -> dict:
     return verdicts
 
 
+def status() -> None:
+    """How far each study has got: finished runs against planned ones (from the JSON or the state directory)."""
+    planned = {"a": SEEDS * len(SPARSITIES) * (1 + len(EXPERTS)), "b": SEEDS * len(SPARSITIES) * len(EXPERTS),
+               "e": SEEDS}
+    for study, name in (("a", "a_equal_sparsity"), ("b", "b_iso_flops_sparsegpt"), ("e", "e_selective10")):
+        done = _load(f"{name}.json")
+        if done is not None:
+            count = sum(1 for r in done["results"] if not r.get("repeated"))
+        else:
+            rows = OUT / f"{name}.json.partial" / "rows.json"
+            count = len(json.loads(rows.read_text())["rows"]) if rows.exists() else 0
+        print(f"({study}) {count} of {planned[study]} runs" + (" (finished)" if done is not None else ""))
+    for study, pattern in (("c", "c_activations/seed-*.json"), ("d", "d_neurons/seed-*/ablation.json")):
+        print(f"({study}) {len(list(OUT.glob(pattern)))} of {SEEDS} seeds")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     runner = sub.add_parser("run")
     runner.add_argument("study", help="a, b, c, d, e, a comma list of them (in that order), or all")
     sub.add_parser("derive")
+    sub.add_parser("status")
     args = parser.parse_args()
     if args.action == "run":
         run(list("abecd") if args.study == "all" else args.study.split(","))
+    elif args.action == "status":
+        status()
     else:
         derive()
 
