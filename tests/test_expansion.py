@@ -286,11 +286,11 @@ def test_experts_pruned_a_few_at_a_time_equal_all_at_once(monkeypatch):
         assert torch.equal(built[5][name], built[2][name]), name
     # The sizing rule itself: everything at once for small layers, a few at a time for a 7B down projection.
     monkeypatch.undo()
-    monkeypatch.setattr(build_module, "_free_bytes", lambda device: 20 * 2**30)
+    monkeypatch.setattr(build_module, "free_bytes", lambda device: 20 * 2**30)
     assert build_module.experts_per_batch(1536, 576, 16, torch.device("cpu")) == 16
     # A Llama-7B down projection: 16 fp32 Hessians of 11008^2 alone are 7.8 GB.
     assert 1 <= build_module.experts_per_batch(4096, 11008, 16, torch.device("cpu")) < 8
-    monkeypatch.setattr(build_module, "_free_bytes", lambda device: 2**20)
+    monkeypatch.setattr(build_module, "free_bytes", lambda device: 2**20)
     assert build_module.experts_per_batch(4096, 11008, 16, torch.device("cpu")) == 1  # never none
 
 

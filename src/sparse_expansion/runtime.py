@@ -91,6 +91,16 @@ def _malloc_trim():
         return None
 
 
+def free_bytes(device: torch.device | str) -> int:
+    """Free memory of `device`: the GPU's (torch.cuda.mem_get_info) or the host's available memory (psutil)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def release_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim; nothing elsewhere).
 

@@ -9,10 +9,12 @@ from .engine import (
     Watch,
     block_outputs,
     identity_reduce,
+    move_non_block_parts,
     reduce_across_ranks,
     watching,
 )
 from .observers import Hessian, InputSquaredNorm, TokenRecorder
 
 __all__ = ["BlockBatch", "BlockHooks", "Hessian", "InputSquaredNorm", "SequentialCalibration", "Step",
-           "TokenRecorder", "Watch", "block_outputs", "identity_reduce", "reduce_across_ranks", "watching"]
+           "TokenRecorder", "Watch", "block_outputs", "identity_reduce", "move_non_block_parts", "reduce_across_ranks",
+           "watching"]

@@ -201,6 +201,17 @@ def watching(block: nn.Module, watches: dict[str, Watch]) -> Iterator[None]:
             handle.remove()
 
 
+def move_non_block_parts(model: nn.Module, layout: ModelLayout, device: torch.device | str) -> None:
+    """Move embeddings, norms, rotary tables, ... but not the (possibly large, possibly empty) blocks."""
+    path = layout.blocks_path
+    blocks = model.get_submodule(path)
+    model.set_submodule(path, nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        model.set_submodule(path, blocks)
+
+
 class SequentialCalibration:
     def __init__(self, model: nn.Module, layout: ModelLayout, device: torch.device | str = "cpu",
                  store_device: torch.device | str = "auto", batch_size: int = 8, progress: bool = True,
@@ -220,14 +231,7 @@ class SequentialCalibration:
         self.offload_dir: Path | None = None  # this run's private directory under offload_root
 
     def _move_non_block_parts(self, device: torch.device) -> None:
-        """Move embeddings, norms, rotary tables, ... but not the (possibly large) blocks."""
-        path = self.layout.blocks_path
-        blocks = self.model.get_submodule(path)
-        self.model.set_submodule(path, nn.ModuleList())
-        try:
-            self.model.to(device)
-        finally:
-            self.model.set_submodule(path, blocks)
+        move_non_block_parts(self.model, self.layout, device)
 
     def _choose_store_device(self, windows: torch.Tensor) -> torch.device:
         """The compute device when two copies of the activations (a block's inputs and outputs) take at

@@ -13,8 +13,16 @@ from ..io import atomic_write_text, check_output_path
 from ..models import load_model
 from ..models.loading import check_model_spec
 from ..workflow.generate import run_generate
-from ..workflow.session import RunSettings
-from ..workflow.settings import BenchSettings, GenerateSettings, InferenceSettings, LmEvalSettings, OutputSettings
+from ..workflow.jobs import choose_streamed, evaluate_streamed
+from ..workflow.session import RunSettings, open_streamed_session
+from ..workflow.settings import (
+    BenchSettings,
+    EvalSettings,
+    GenerateSettings,
+    InferenceSettings,
+    LmEvalSettings,
+    OutputSettings,
+)
 from . import present
 from .parser import Command, Group, Parsed
 
@@ -38,8 +46,12 @@ def run_eval(parsed: Parsed) -> int:
     settings, output = parsed.get(RunSettings), parsed.get(OutputSettings)
     if output.json:
         check_output_path(output.json, overwrite=True)
-    session = workflow.open_session(settings, compact=settings.device == "cpu")
-    result = workflow.evaluate(session, session.model)
+    if choose_streamed(settings.model, settings.device, parsed.get(EvalSettings).streamed):
+        session = open_streamed_session(settings)
+        result = evaluate_streamed(session)
+    else:
+        session = workflow.open_session(settings, compact=settings.device == "cpu")
+        result = workflow.evaluate(session, session.model)
     result.update({"model": session.loaded.source, "seqlen": settings.seqlen, "data": session.data_summary()})
     present.perplexity(result, settings.seqlen)
     if output.json:
@@ -98,7 +110,7 @@ COMMANDS = [
         Group(BenchSettings, "benchmark"), Group(RunSettings, MODEL, only=("device", "quiet")),
         Group(InferenceSettings, MODEL), JSON), run_bench),
     Command("eval", "perplexity of a model", (
-        Group(RunSettings, "model and data", exclude=("scope", "offload_dir")), JSON), run_eval),
+        Group(EvalSettings, "evaluation"), Group(RunSettings, "model and data", exclude=("scope",)), JSON), run_eval),
     Command("lm-eval", "zero-shot tasks (BoolQ, RTE, HellaSwag, ...) through lm-evaluation-harness", (
         Group(LmEvalSettings, "lm-eval"), Group(RunSettings, MODEL, only=MODEL_ONLY), JSON), run_lm_eval),
 ]

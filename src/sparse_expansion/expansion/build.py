@@ -40,6 +40,7 @@ from ..models.discovery import ModelLayout, linear_weight
 from ..pruning.masks import check_nm_shape, highest_first
 from ..pruning.methods import PruneOptions, PruningMethod, get_method
 from ..pruning.spec import SparsitySpec
+from ..runtime import free_bytes
 from ..settings import AtLeast, Interval, check_fields, setting
 from .fitting import EXPERTS, INITS, PCA_REDUCTION, fit_router, pca_components
 
@@ -178,19 +179,11 @@ class GroupFit:
 EXPERT_MEMORY_SHARE = 0.3
 
 
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
 def experts_per_batch(rows: int, cols: int, experts: int, device: torch.device) -> int:
     """How many experts of a (rows, cols) weight to prune at once: each needs its Hessian, its copy in the
     factorization and the factor (3 x cols^2 floats) and about four (rows, cols) work arrays."""
     per_expert = 4 * (3 * cols * cols + 4 * rows * cols)
-    return max(1, min(experts, int(EXPERT_MEMORY_SHARE * _free_bytes(device)) // per_expert))
+    return max(1, min(experts, int(EXPERT_MEMORY_SHARE * free_bytes(device)) // per_expert))
 
 
 def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: PruningMethod, device: torch.device,

@@ -19,6 +19,7 @@ file is self-describing; decoding restores the exact dense tensors (bit for bit)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -203,14 +204,33 @@ def _reader(handle, packing: dict):
     return read
 
 
-def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a file written by `save_compressed` back into dense tensors (exactly as saved)."""
+def compressed_names(path: str | Path) -> list[str]:
+    """The tensor names a `save_compressed` file holds (its header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(f"{path} is corrupted or truncated: {str(exc).splitlines()[0]}") from None
+    if INDEX_KEY not in metadata:
+        raise UsageError(f"{path} has no {INDEX_KEY} entry: not written by sparse-expansion")
+    return list(json.loads(metadata[INDEX_KEY]))
+
+
+def load_compressed(path: str | Path, select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Read a file written by `save_compressed` back into dense tensors (exactly as saved); `select`: only the
+    tensors whose name it accepts (the others are not read)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if INDEX_KEY not in metadata:
                 raise UsageError(f"{path} has no {INDEX_KEY} entry: not written by sparse-expansion")
             index = json.loads(metadata[INDEX_KEY])
+            if select is not None:
+                full = index
+                index = {name: entry for name, entry in full.items() if select(name)}
+                for entry in list(index.values()):  # a selected alias needs its target
+                    if entry["encoding"] == "alias":
+                        index.setdefault(entry["target"], full[entry["target"]])
             state = {name: _decode(name, entry, _reader(handle, entry.get("packed", {})))
                      for name, entry in index.items() if entry["encoding"] != "alias"}
     except (SafetensorError, zstandard.ZstdError, ValueError) as exc:

@@ -24,7 +24,7 @@ from ..errors import UsageError, literal
 from ..runtime import CACHE_ENV, cache_dir, first_line, parse_dtype, resolve_device
 from ..settings import SettingError
 from .model_dir import load_model_dir, save_model_dir
-from .streaming import open_streamed, streamable
+from .streaming import open_streamed, open_streamed_dir, streamable
 
 __all__ = ["CACHE_ENV", "DEFAULT_MODEL_NAME", "LoadedModel", "cache_dir", "context_length", "default_model_dir",
            "embedded_gguf_path", "load_model", "parse_dtype", "resolve_device"]
@@ -196,3 +196,52 @@ def context_length(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _model_directory(spec: str | None, quiet: bool) -> Path:
+    """The local directory `spec` names (the embedded model's cache for the default)."""
+    if spec in (None, "", "default"):
+        return default_model_dir(quiet=quiet)
+    check_model_spec(spec)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise SettingError("model", f"{{model}} {literal(spec)}: evaluation block by block reads a local model "
+                                    "directory (a .gguf file or a hub id is loaded whole)")
+    return path
+
+
+def open_model_streamed(spec: str | None = None, dtype: str = "float32", device: str = "cpu",
+                        trust_remote_code: bool = False, quiet: bool = False) -> LoadedModel:
+    """A model directory with its decoder blocks left on disk (`loaded.streamed` reads each at its turn): plain
+    Hugging Face safetensors or this tool's pruned, expanded or thresholded form (models/streaming.py). On the CPU
+    an expanded model's experts are held compressed, as whole-model loading does."""
+    from transformers import AutoTokenizer
+
+    path = _model_directory(spec, quiet)
+    compact = resolve_device(device).type == "cpu"
+    with _quiet_transformers(quiet):
+        model, streamed = open_streamed_dir(path, parse_dtype(dtype), trust_remote_code, compact=compact)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UsageError(f"could not load the tokenizer of {path}: {first_line(exc)}") from None
+    source = str(spec) if spec not in (None, "", "default") else f"{DEFAULT_MODEL_NAME} (embedded, {path})"
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path, streamed=streamed)
+
+
+def weight_bytes_on_load(spec: str | None) -> int | None:
+    """What loading `spec` whole puts in memory, estimated from the directory: the manifest's `dense_bytes` (the
+    state dict as tensors; an expanded model held compressed on the CPU takes less) or the size of its safetensors
+    files; None when it cannot be told (a .gguf file, a hub id)."""
+    from ..io.model_dir import read_manifest
+
+    if spec in (None, "", "default"):
+        return None  # the embedded model: 0.5 GB, always loaded whole
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return None
+    manifest = read_manifest(path)
+    if manifest is not None and manifest.get("weights", {}).get("dense_bytes"):
+        return int(manifest["weights"]["dense_bytes"])
+    files = list(path.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None

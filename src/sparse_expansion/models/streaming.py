@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..io.model_dir import read_manifest, verify_weights
+from ..io.compressed import compressed_names, load_compressed
+from ..io.model_dir import read_manifest, state_dict_files, verify_weights
+from ..layers.protocol import kind_of
 from .discovery import ModelLayout, discover
-from .model_dir import empty_model, meta_tensors
+from .model_dir import empty_model, meta_tensors, rebuild_layers
 
 
 def _weight_files(path: Path) -> list[Path] | None:
@@ -110,5 +112,74 @@ def open_streamed(path: str | Path, dtype: torch.dtype, trust_remote_code: bool 
     missing = meta_tensors(model, skip_prefix=blocks_prefix)
     if missing:
         raise UsageError(f"{path}: the checkpoint has no tensor {missing[0]}; it cannot be streamed")
+    model.eval()
+    return model, streamed
+
+
+class StreamedStateDict:
+    """A state-dict directory of this tool (pruned, expanded, selective, thresholded): `onload` rebuilds one
+    block's custom layers from the manifest and reads only that block's tensors (from its own file after a
+    streamed build, else by name from the one file); `compact` keeps a layer's compressed form only (CPU
+    inference), as whole-model loading does; `offload` frees the block again."""
+
+    def __init__(self, model: nn.Module, layout: ModelLayout, path: Path, files: list[str], layers: dict[str, dict],
+                 dtype: torch.dtype, compact: bool):
+        self.model, self.layout, self.path, self.layers, self.dtype, self.compact = (model, layout, path, layers,
+                                                                                     dtype, compact)
+        self.files = {name: compressed_names(path / name) for name in files}
+
+    def _read(self, select) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, names in self.files.items():
+            if any(select(n) for n in names):
+                state.update(load_compressed(self.path / name, select))
+        return state
+
+    def onload(self, index: int, block: nn.Module) -> None:
+        prefix = f"{self.layout.blocks_path}.{index}."
+        rebuild_layers(self.model, {k: v for k, v in self.layers.items() if k.startswith(prefix)}, self.dtype)
+        state = self._read(lambda name: name.startswith(prefix))
+        result = self.model.load_state_dict(state, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise UsageError(f"{self.path}: tensors the model does not have ({result.unexpected_keys[0]})")
+        missing = meta_tensors(block)
+        if missing:
+            raise UsageError(f"{self.path} lacks tensors of the model: {prefix}{missing[0]}")
+        block.to(self.dtype)
+        if self.compact and self.dtype == torch.float32:
+            for module in block.modules():
+                kind = kind_of(module)
+                if kind is not None:
+                    kind.compact(module)
+
+    @staticmethod
+    def offload(index: int, block: nn.Module) -> None:
+        block.to("meta")
+
+
+def open_streamed_dir(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False, compact: bool = False):
+    """(model with empty blocks, its block reader) for any model directory: a plain Hugging Face one in safetensors
+    (`open_streamed`) or this tool's state-dict form (StreamedStateDict); checksums verified first."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None or manifest["weights"]["form"] == "hf":
+        if not streamable(path):
+            raise UsageError(f"{path}: only safetensors checkpoints can be evaluated block by block")
+        return open_streamed(path, dtype, trust_remote_code)
+    verify_weights(path, manifest)
+    model = empty_model(path, dtype, trust_remote_code)
+    layout = discover(model)
+    blocks_prefix = layout.blocks_path + "."
+    layers = manifest.get("custom_layers", {})
+    rebuild_layers(model, {k: v for k, v in layers.items() if not k.startswith(blocks_prefix)}, dtype)
+    streamed = StreamedStateDict(model, layout, path, state_dict_files(path, manifest), layers, dtype, compact)
+    rest = streamed._read(lambda name: not name.startswith(blocks_prefix))
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise UsageError(f"{path}: tensors the model does not have ({result.unexpected_keys[0]})")
+    model.tie_weights()
+    missing = meta_tensors(model, skip_prefix=blocks_prefix)
+    if missing:
+        raise UsageError(f"{path} lacks tensors of the model: {missing[0]}")
     model.eval()
     return model, streamed

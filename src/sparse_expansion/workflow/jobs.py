@@ -12,10 +12,14 @@ from .. import distributed
 from ..analysis.wasserstein import wasserstein_to_gaussian
 from ..calibration import BlockHooks
 from ..evaluation import perplexity
+from ..evaluation.streamed import streamed_perplexity
 from ..expansion import ExpansionConfig, ExpansionReport, RowScores, expand_model
 from ..models import discover
+from ..models.loading import weight_bytes_on_load
 from ..pruning import PruneOptions, PruneReport, SparsitySpec, get_method, prune_model
+from ..runtime import free_bytes, resolve_device
 from .session import Session
+from .settings import WHOLE_MODEL_SHARE
 
 SCORE_CHUNK_ELEMENTS = 1 << 24  # neuron outputs scored at a time (tokens x neurons): bounds the memory
 
@@ -88,6 +92,35 @@ def wasserstein_row_scores(path: str, weight: torch.Tensor, inputs: torch.Tensor
     return torch.where(torch.isnan(scores), float("-inf"), scores)
 
 
+def choose_streamed(model: str | None, device: str, forced: bool) -> bool:
+    """Streamed evaluation when asked for, or when the directory's weights (the manifest's dense bytes, else its
+    safetensors files) exceed WHOLE_MODEL_SHARE of the free memory of `device` (psutil's available host memory,
+    or torch.cuda.mem_get_info)."""
+    if forced:
+        return True
+    needed = weight_bytes_on_load(model)
+    return needed is not None and needed > WHOLE_MODEL_SHARE * free_bytes(resolve_device(device))
+
+
+def evaluate_streamed(session: Session, desc: str = "perplexity (streamed)") -> dict:
+    """`evaluate` with one block in memory (evaluation/streamed.py): the session's model has its blocks on disk
+    (`open_model_streamed`); the test activations go to `offload_dir` files when it is set."""
+    s = session.settings
+    streamed = session.loaded.streamed
+    start = time.perf_counter()
+    result = streamed_perplexity(session.model, session.layout, session.evaluation(), streamed.onload,
+                                 streamed.offload, device=s.device, progress=not s.quiet, desc=desc,
+                                 bos=session.bos_token_id, offload_dir=s.offload_dir)
+    return {**_result(result, session), "eval_seconds": time.perf_counter() - start, "streamed": True}
+
+
+def _result(result, session: Session) -> dict:
+    return {"ppl": result.ppl, "mean_nll": result.mean_nll, "eval_windows": result.windows,
+            "eval_tokens": result.eval_tokens, "text_tokens": result.text_tokens,
+            "predicted_tokens": result.predicted_tokens, "bos": session.settings.bos,
+            "bos_token_id": session.bos_token_id}
+
+
 def evaluate(session: Session, model, desc: str = "perplexity") -> dict:
     """Perplexity on the session's test windows; the result says how many tokens were scored."""
     s = session.settings
@@ -97,7 +130,4 @@ def evaluate(session: Session, model, desc: str = "perplexity") -> dict:
     start = time.perf_counter()
     result = perplexity(model, windows, device=device, progress=not s.quiet, desc=desc, bos=session.bos_token_id)
     model.to("cpu")
-    return {"ppl": result.ppl, "mean_nll": result.mean_nll, "eval_windows": result.windows,
-            "eval_tokens": result.eval_tokens, "text_tokens": result.text_tokens,
-            "predicted_tokens": result.predicted_tokens, "bos": s.bos, "bos_token_id": session.bos_token_id,
-            "eval_seconds": time.perf_counter() - start}
+    return {**_result(result, session), "eval_seconds": time.perf_counter() - start}

@@ -11,7 +11,7 @@ import torch
 from ..data import Corpus, calibration_windows, evaluation_windows, load_corpus, resolve_bos
 from ..data.windows import BOS, BOS_MODES, SEQLEN, WINDOWS
 from ..models import ModelLayout, discover, load_model
-from ..models.loading import LoadedModel, context_length
+from ..models.loading import LoadedModel, context_length, open_model_streamed
 from ..runtime import release_memory, resolve_device
 from ..settings import AtLeast, SettingError, check_fields, setting
 
@@ -125,6 +125,13 @@ def open_session(settings: RunSettings, stream: bool = False, compact: bool = Fa
                         trust_remote_code=settings.trust_remote_code, quiet=settings.quiet, stream=stream,
                         compact=compact)
     return session_for(loaded, settings)
+
+
+def open_streamed_session(settings: RunSettings) -> Session:
+    """A session whose model keeps its decoder blocks on disk until their turn (streamed evaluation)."""
+    return session_for(open_model_streamed(settings.model, dtype=settings.dtype, device=settings.device,
+                                           trust_remote_code=settings.trust_remote_code, quiet=settings.quiet),
+                       settings)
 
 
 def session_for(loaded: LoadedModel, settings: RunSettings) -> Session:

@@ -144,6 +144,21 @@ class LawSettings:
         not_empty("activations", self.activations)
 
 
+# Evaluate the whole model when its weights take at most this share of the device's free memory (the rest is for
+# the activations, the logits and what the process already holds); else block by block.
+WHOLE_MODEL_SHARE = 0.6
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    streamed: bool = setting(False, "evaluate with one decoder block in memory, read from disk at its turn (chosen "
+                                    f"automatically when the model's weights exceed {WHOLE_MODEL_SHARE:.0%} of the "
+                                    "device's free memory)")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     kernels: str = setting("auto", "auto: pruned fp32 layers on the CPU use the sparse kernels wherever they "

@@ -1,0 +1,92 @@
+"""Perplexity with one block in memory (evaluation/streamed.py) equals whole-model perplexity, for every directory
+kind (dense, pruned, expanded, thresholded) and for families whose blocks return tuples, slide their attention
+window or finish with their own norm and projection."""
+
+import pytest
+import torch
+
+from conftest import SMALL, random_windows
+from sparse_expansion.cli import main
+from sparse_expansion.evaluation import perplexity
+from sparse_expansion.evaluation.streamed import streamed_perplexity
+from sparse_expansion.models import discover, load_model
+from sparse_expansion.models.streaming import open_streamed_dir
+
+WINDOWS = random_windows(n=5, length=24, seed=3)
+
+
+def _both(path, batch_size=2, offload_dir=None):
+    whole = perplexity(load_model(str(path), quiet=True, compact=True).model, WINDOWS, batch_size=batch_size,
+                       progress=False)
+    model, streamed = open_streamed_dir(path, torch.float32, compact=True)
+    assert any(p.is_meta for p in model.parameters())  # the blocks wait on disk
+    result = streamed_perplexity(model, discover(model), WINDOWS, streamed.onload, streamed.offload,
+                                 batch_size=batch_size, progress=False, offload_dir=offload_dir)
+    return whole, result
+
+
+@pytest.fixture(scope="module")
+def built(llama_dir, corpus_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("streamed")
+    common = ["--model", str(llama_dir), "--data", str(corpus_dir), *SMALL]
+    assert main(["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--out", str(out / "pruned"), *common]) == 0
+    assert main(["expand", "--experts", "2", "--sparsity", "0.5", "--pca-reduction", "8", "--out",
+                 str(out / "expanded"), *common]) == 0
+    assert main(["activations", "--ppl-increase", "0.05", "--out", str(out / "thresholded"), *common]) == 0
+    return {"dense": llama_dir, **{name: out / name for name in ("pruned", "expanded", "thresholded")}}
+
+
+@pytest.mark.parametrize("kind", ["dense", "pruned", "expanded", "thresholded"])
+def test_streamed_equals_whole_for_every_directory_kind(kind, built):
+    whole, streamed = _both(built[kind])
+    assert streamed.ppl == pytest.approx(whole.ppl, rel=1e-6)
+    assert (streamed.windows, streamed.seqlen) == (whole.windows, whole.seqlen)
+
+
+# GPT-NeoX is left out: its checkpoints name the output layer `embed_out`, which transformers renames on loading;
+# reading the checkpoint's tensors by name (models/streaming.py) does not yet (a one-line refusal, tested below).
+@pytest.mark.parametrize("family", ["gemma2", "gpt2", "opt", "phi", "qwen2", "mistral"])
+def test_streamed_equals_whole_across_families(family, model_dir_factory):
+    whole, streamed = _both(model_dir_factory(family), batch_size=3)
+    assert streamed.ppl == pytest.approx(whole.ppl, rel=1e-6)
+
+
+def test_streamed_activations_on_disk_give_the_same(built, tmp_path):
+    whole, streamed = _both(built["expanded"], offload_dir=tmp_path / "acts")
+    assert streamed.ppl == pytest.approx(whole.ppl, rel=1e-6)
+    assert not any((tmp_path / "acts").iterdir())  # the engine removes its files
+
+
+def test_a_checkpoint_whose_names_differ_from_the_model_is_refused(model_dir_factory):
+    from sparse_expansion.errors import UsageError
+
+    with pytest.raises(UsageError, match="embed_out"):
+        open_streamed_dir(model_dir_factory("gpt_neox"), torch.float32)
+
+
+def _eval(args, path, tmp_path, name):
+    import json
+
+    assert main(["eval", "--model", str(path), *args, "--json", str(tmp_path / name)]) == 0
+    return json.loads((tmp_path / name).read_text())
+
+
+@pytest.mark.parametrize("kind", ["pruned", "expanded"])
+def test_eval_streamed_gives_the_whole_models_perplexity(kind, built, corpus_dir, tmp_path):
+    args = ["--data", str(corpus_dir), *SMALL]
+    whole = _eval(args, built[kind], tmp_path, "whole.json")
+    streamed = _eval([*args, "--streamed", "--offload-dir", str(tmp_path / "acts")], built[kind], tmp_path, "s.json")
+    assert streamed["streamed"] is True and "streamed" not in whole
+    assert streamed["ppl"] == pytest.approx(whole["ppl"], rel=1e-6)
+    assert streamed["eval_tokens"] == whole["eval_tokens"]
+
+
+def test_eval_streams_by_itself_when_the_weights_exceed_the_free_memory(built, corpus_dir, tmp_path, monkeypatch):
+    from sparse_expansion.workflow import jobs
+
+    args = ["--data", str(corpus_dir), *SMALL]
+    whole = _eval(args, built["expanded"], tmp_path, "whole.json")
+    monkeypatch.setattr(jobs, "free_bytes", lambda device: 1 << 16)  # 64 KiB free: the model does not fit
+    streamed = _eval(args, built["expanded"], tmp_path, "auto.json")
+    assert streamed.get("streamed") is True
+    assert streamed["ppl"] == pytest.approx(whole["ppl"], rel=1e-6)
