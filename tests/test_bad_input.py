@@ -289,6 +289,7 @@ ROWS = [
         "--max-new-tokens 100,000 does not fit"),
     Row("prune/seeds-of-a-data-free-method", lambda c: c.prune("--method", "magnitude", "--seeds", "2", "--eval"),
         "magnitude reads no calibration data"),
+    Row("expand/router-tokens-0", lambda c: c.expand("--router-tokens", "0"), "--router-tokens must be at least 1"),
     Row("expand/seeds-without-eval", lambda c: c.expand("--seeds", "2"), "--seeds above 1 measures how far"),
     Row("expand/seeds-0", lambda c: c.expand("--seeds", "0", "--eval"), "--seeds must be at least 1"),
     Row("neurons/seeds-without-ablate", lambda c: c.neurons("--seeds", "2"), "--seeds above 1 repeats the ablation"),

@@ -42,7 +42,7 @@ from ..pruning.methods import PruneOptions, PruningMethod, get_method
 from ..pruning.spec import SparsitySpec
 from ..runtime import free_bytes
 from ..settings import AtLeast, Interval, check_fields, setting
-from .fitting import EXPERTS, INITS, PCA_REDUCTION, fit_router, pca_components
+from .fitting import EXPERTS, INITS, PCA_REDUCTION, fit_router, pca_components, sample_tokens
 
 # (layer path, weight (out, in), the layer's calibration inputs (tokens, in) on the compute device, bias or
 # None) -> one score per output row; the highest scores are expanded.
@@ -70,6 +70,9 @@ class ExpansionConfig:
                            choices=("torch", "sklearn"), flag="--router-backend")
     min_cluster_tokens: int = setting(32, "clusters with fewer calibration tokens use the layer's whole statistic",
                                       AtLeast(1))
+    router_tokens: int | None = setting(None, "fit each router's PCA and k-means on a seeded sample of at most N "
+                                              "calibration tokens; every token is then routed for its cluster's "
+                                              "statistic (default: all tokens)", AtLeast(1), metavar="N")
     method: str = setting("sparsegpt", "how each expert is pruned on its cluster", choices=_data_methods,
                           flag="--expert-method")
     selective: float | None = setting(
@@ -188,12 +191,15 @@ def experts_per_batch(rows: int, cols: int, experts: int, device: torch.device) 
 
 def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: PruningMethod, device: torch.device,
               whole: bool = False) -> GroupFit:
-    """Fit the router on the tokens (batches are consumed), then one statistic per cluster. A cluster with
-    fewer than `min_cluster_tokens` tokens uses the layer's whole statistic instead."""
+    """Fit the router on the tokens (at most `router_tokens` of them, a seeded sample), then route every token and
+    accumulate one statistic per cluster (batches are consumed). A cluster with fewer than `min_cluster_tokens`
+    tokens uses the layer's whole statistic instead."""
     start = time.perf_counter()
-    router = fit_router(torch.cat(batches), config.experts, config.pca_reduction, config.kmeans_restarts,
+    tokens = sample_tokens(torch.cat(batches), config.router_tokens, config.seed)
+    router = fit_router(tokens, config.experts, config.pca_reduction, config.kmeans_restarts,
                         config.seed, config.backend, max_iter=config.kmeans_iterations,
                         init=config.kmeans_init).to(device)
+    del tokens
     seconds = time.perf_counter() - start
     clusters = _cluster_statistics(batches, router, method.statistic, device)
     batches.clear()

@@ -143,6 +143,16 @@ def _kmeans_torch(z: torch.Tensor, k: int, restarts: int, seed: int, max_iter: i
     return best
 
 
+def sample_tokens(x: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
+    """At most `limit` rows of `x` (tokens, features): all of them when there are no more, else a uniform sample
+    without replacement drawn with `seed`, kept in their original order."""
+    if limit is None or x.shape[0] <= limit:
+        return x
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(x.shape[0], generator=generator)[:limit].sort().values
+    return x[chosen.to(x.device)]
+
+
 def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restarts: int = 1, seed: int = 0,
                backend: str = "torch", max_iter: int = 300, tol: float = 1e-4, init: str = "k-means++") -> Router:
     """Fit PCA (optional) and k-means on calibration tokens `x` (n_tokens x d_in), in fp32.
