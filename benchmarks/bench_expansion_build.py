@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="docs/bench_expansion_build.json")
+    parser.add_argument("--save", default=None, help="write the (last size's) expanded model to this directory, e.g. "
+                                                     "for streamed evaluation (benchmarks/gpu_suite.sh)")
     args = parser.parse_args()
     rows = []
     for size in args.calib.split(","):
@@ -90,6 +92,13 @@ def main() -> None:
         start = time.perf_counter()
         report = expand_session_model(session, model, spec, PruneOptions(), config)
         expansion_seconds = time.perf_counter() - start
+        if args.save:
+            from sparse_expansion.models.model_dir import save_model_dir
+
+            save_model_dir(model.to("cpu"), session.tokenizer, args.save, {"method": "sparse-expansion",
+                                                                          "experts": args.experts,
+                                                                          "sparsity": args.sparsity},
+                           overwrite=True)
         del model
         row = {"shape": args.shape, "blocks": len(session.layout.blocks), "device": args.device, "dtype": args.dtype,
                "calib_windows": windows, "seqlen": seqlen, "calib_tokens": windows * seqlen,

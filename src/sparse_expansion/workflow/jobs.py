@@ -108,10 +108,20 @@ def evaluate_streamed(session: Session, desc: str = "perplexity (streamed)") -> 
     s = session.settings
     streamed = session.loaded.streamed
     start = time.perf_counter()
+    if torch.device(s.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
     result = streamed_perplexity(session.model, session.layout, session.evaluation(), streamed.onload,
                                  streamed.offload, device=s.device, progress=not s.quiet, desc=desc,
                                  bos=session.bos_token_id, offload_dir=s.offload_dir)
-    return {**_result(result, session), "eval_seconds": time.perf_counter() - start, "streamed": True}
+    return {**_result(result, session), "eval_seconds": time.perf_counter() - start, "streamed": True,
+            **_peak_gpu(s.device)}
+
+
+def _peak_gpu(device: str) -> dict:
+    """The evaluation's peak GPU memory (torch's allocator), on a CUDA device."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"peak_gpu_bytes": int(torch.cuda.max_memory_allocated(device))}
 
 
 def _result(result, session: Session) -> dict:
@@ -128,6 +138,8 @@ def evaluate(session: Session, model, desc: str = "perplexity") -> dict:
     device = torch.device(s.device)
     model.to(device)
     start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     result = perplexity(model, windows, device=device, progress=not s.quiet, desc=desc, bos=session.bos_token_id)
     model.to("cpu")
-    return {**_result(result, session), "eval_seconds": time.perf_counter() - start}
+    return {**_result(result, session), "eval_seconds": time.perf_counter() - start, **_peak_gpu(s.device)}
