@@ -19,7 +19,9 @@ from torch import nn
 from ..errors import UsageError
 from ..io.compressed import compressed_names, load_compressed
 from ..io.model_dir import read_manifest, state_dict_files, verify_weights
+from ..layers import clear_router_memos
 from ..layers.protocol import kind_of
+from ..runtime import release_memory
 from .discovery import ModelLayout, discover
 from .model_dir import empty_model, meta_tensors, rebuild_layers
 
@@ -151,10 +153,14 @@ class StreamedStateDict:
                 kind = kind_of(module)
                 if kind is not None:
                     kind.compact(module)
+        del state
+        release_memory()  # the decoded dense stacks, handed back to the system before the block runs
 
     @staticmethod
     def offload(index: int, block: nn.Module) -> None:
+        clear_router_memos(block)
         block.to("meta")
+        release_memory()
 
 
 def open_streamed_dir(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False, compact: bool = False):
