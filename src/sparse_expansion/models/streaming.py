@@ -105,7 +105,12 @@ def open_streamed(path: str | Path, dtype: torch.dtype, trust_remote_code: bool 
                 locations[key] = file
     streamed = StreamedBlocks(model, layout, locations, dtype)
     blocks_prefix = layout.blocks_path + "."
-    rest = streamed._read([n for n in locations if not n.startswith(blocks_prefix)])
+    _load_rest(model, streamed._read([n for n in locations if not n.startswith(blocks_prefix)]), blocks_prefix, path)
+    return model, streamed
+
+
+def _load_rest(model: nn.Module, rest: dict[str, torch.Tensor], blocks_prefix: str, path: Path) -> None:
+    """Everything outside the blocks into `model` (which then must have no empty tensor there), ties, eval mode."""
     result = model.load_state_dict(rest, strict=False, assign=True)
     if result.unexpected_keys:
         raise UsageError(f"{path}: tensors the model does not have ({result.unexpected_keys[0]}); it cannot be "
@@ -115,7 +120,6 @@ def open_streamed(path: str | Path, dtype: torch.dtype, trust_remote_code: bool 
     if missing:
         raise UsageError(f"{path}: the checkpoint has no tensor {missing[0]}; it cannot be streamed")
     model.eval()
-    return model, streamed
 
 
 class StreamedStateDict:
@@ -179,13 +183,5 @@ def open_streamed_dir(path: str | Path, dtype: torch.dtype, trust_remote_code: b
     layers = manifest.get("custom_layers", {})
     rebuild_layers(model, {k: v for k, v in layers.items() if not k.startswith(blocks_prefix)}, dtype)
     streamed = StreamedStateDict(model, layout, path, state_dict_files(path, manifest), layers, dtype, compact)
-    rest = streamed._read(lambda name: not name.startswith(blocks_prefix))
-    result = model.load_state_dict(rest, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise UsageError(f"{path}: tensors the model does not have ({result.unexpected_keys[0]})")
-    model.tie_weights()
-    missing = meta_tensors(model, skip_prefix=blocks_prefix)
-    if missing:
-        raise UsageError(f"{path} lacks tensors of the model: {missing[0]}")
-    model.eval()
+    _load_rest(model, streamed._read(lambda name: not name.startswith(blocks_prefix)), blocks_prefix, path)
     return model, streamed
