@@ -45,8 +45,9 @@ def run_activations(session: Session, increase: float = 0.01, max_tokens: int = 
 
     best, steps = search_cett(measure, dense["ppl"], increase, iterations)
     thresholds, ratios, ppl = cache[best.cett]
-    curves = sweep_baselines(session, activations) if baselines else None
-    at_cett = at_ratio(session, activations, best.activation_ratio) if baselines else None
+    sample = _magnitude_sample(activations) if baselines else None  # FAT-epsilon's quantiles, drawn once
+    curves = sweep_baselines(session, activations, sample) if baselines else None
+    at_cett = at_ratio(session, activations, best.activation_ratio, sample) if baselines else None
     if install:
         install_thresholds(session.model, neuron_thresholds(activations, thresholds), ratios)
     return {"curves": curves, "at_cett_ratio": at_cett, "model": session.loaded.source,
@@ -59,13 +60,13 @@ def run_activations(session: Session, increase: float = 0.01, max_tokens: int = 
             "search": [vars(step) for step in steps]}
 
 
-def at_ratio(session: Session, activations, ratio: float) -> dict[str, dict]:
-    """Top-k per layer (k = ratio x d_f) and one global threshold (FAT-epsilon, the calibration |x| quantile that
-    keeps `ratio`) at the activation ratio CETT chose: their perplexity on the same test windows, for a comparison
-    at equal activation ratio (the ratios they reach on the test windows are recorded beside it)."""
+def at_ratio(session: Session, activations, ratio: float, sample: torch.Tensor) -> dict[str, dict]:
+    """Top-k per layer (k = ratio x d_f) and one global threshold (FAT-epsilon, the quantile of the calibration |x|
+    `sample` that keeps `ratio`) at the activation ratio CETT chose: their perplexity on the same test windows, for a
+    comparison at equal activation ratio (the ratios they reach on the test windows are recorded beside it)."""
     paths = list(activations.inputs)
     width = activations.inputs[paths[0]].shape[1]
-    epsilon = float(torch.quantile(_magnitude_sample(activations), 1 - ratio))
+    epsilon = float(torch.quantile(sample, 1 - ratio))
     found = {}
     for name, rule, extra in (("top-k", top_k_rule(max(1, round(ratio * width))), {"k_ratio": ratio}),
                               ("FAT-epsilon", global_threshold_rule(epsilon), {"epsilon": epsilon})):
@@ -81,7 +82,7 @@ def _magnitude_sample(activations, limit: int = 1 << 22) -> torch.Tensor:
     return magnitudes[torch.randperm(magnitudes.numel(), generator=torch.Generator().manual_seed(0))[:limit]]
 
 
-def sweep_baselines(session: Session, activations) -> dict[str, list[dict]]:
+def sweep_baselines(session: Session, activations, sample: torch.Tensor) -> dict[str, list[dict]]:
     """Perplexity against activation ratio on the same test windows for CETT (several targets), a constant
     top-k per layer, one global threshold (FAT-epsilon, at quantiles of all layers' |x|) and exact zeros."""
     model = session.model
@@ -98,7 +99,6 @@ def sweep_baselines(session: Session, activations) -> dict[str, list[dict]]:
         with thresholded(model, per_neuron) as counter:
             result = evaluate(session, model, desc=f"CETT {target}")
         curves["CETT"].append({"ppl": result["ppl"], "activation_ratio": counter.ratio(), "cett": target})
-    sample = _magnitude_sample(activations)
     for ratio in RATIO_SWEEP:
         width = activations.inputs[paths[0]].shape[1]
         curves["top-k"].append(point({p: top_k_rule(max(1, round(ratio * width))) for p in paths}, k_ratio=ratio))
