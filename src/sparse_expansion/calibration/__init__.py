@@ -7,6 +7,7 @@ from .engine import (
     SequentialCalibration,
     Step,
     Watch,
+    batch_starts,
     block_outputs,
     identity_reduce,
     move_non_block_parts,
@@ -15,6 +16,6 @@ from .engine import (
 )
 from .observers import Hessian, InputSquaredNorm, TokenRecorder
 
-__all__ = ["BlockBatch", "BlockHooks", "Hessian", "InputSquaredNorm", "SequentialCalibration", "Step",
+__all__ = ["BlockBatch", "BlockHooks", "batch_starts", "Hessian", "InputSquaredNorm", "SequentialCalibration", "Step",
            "TokenRecorder", "Watch", "block_outputs", "identity_reduce", "move_non_block_parts", "reduce_across_ranks",
            "watching"]

@@ -201,6 +201,13 @@ def watching(block: nn.Module, watches: dict[str, Watch]) -> Iterator[None]:
             handle.remove()
 
 
+def batch_starts(count: int, batch_size: int) -> list[int]:
+    """The first window of each of this rank's batches (every batch in one process), in window order: the batches
+    the engine captures and propagates."""
+    starts = list(range(0, count, max(1, batch_size)))
+    return [starts[i] for i in distributed.shard(len(starts))]
+
+
 def move_non_block_parts(model: nn.Module, layout: ModelLayout, device: torch.device | str) -> None:
     """Move embeddings, norms, rotary tables, ... but not the (possibly large, possibly empty) blocks."""
     path = layout.blocks_path
@@ -271,8 +278,7 @@ class SequentialCalibration:
             return forward
 
         batches: list[BlockBatch] = []
-        starts = list(range(0, windows.shape[0], self.batch_size))
-        starts = [starts[i] for i in distributed.shard(len(starts))]  # this rank's batches (all, in one process)
+        starts = batch_starts(windows.shape[0], self.batch_size)
         self._move_non_block_parts(self.device)
         for index, block in enumerate(blocks):
             block.forward = recorder(index)  # an instance attribute: nn.Module.__call__ runs it

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..calibration import BlockHooks, SequentialCalibration, move_non_block_parts
+from ..calibration import BlockHooks, SequentialCalibration, batch_starts, move_non_block_parts
 from ..models import ModelLayout
 from .perplexity import TOKENS_PER_BATCH, PerplexityResult
 
@@ -57,8 +57,7 @@ def streamed_perplexity(model: nn.Module, layout: ModelLayout, windows: torch.Te
     last = len(blocks) - 1
     form: dict = {}
     losses = [torch.zeros(0, dtype=torch.float64)]
-    starts = list(range(0, count, batch_size))
-    starts = [starts[i] for i in distributed.shard(len(starts))]  # the engine's batches of this rank, in order
+    starts = batch_starts(count, batch_size)  # the engine's batches of this rank, in order
 
     def record(_module, _args, output) -> None:
         if "tuple" not in form:

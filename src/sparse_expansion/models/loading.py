@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError, literal
+from ..io.model_dir import read_manifest
 from ..runtime import CACHE_ENV, cache_dir, first_line, parse_dtype, resolve_device
 from ..settings import SettingError
 from .model_dir import load_model_dir, save_model_dir
@@ -130,6 +131,16 @@ def check_model_spec(spec: str | None) -> None:
         raise UsageError(f"model path not found: {spec}")
 
 
+def _resolve(spec: str | None, quiet: bool) -> tuple[Path, str]:
+    """(the path `spec` names, how reports name it): the embedded model's cache for the default, else the spec as
+    given (checked: check_model_spec)."""
+    if spec in (None, "", "default"):
+        path = default_model_dir(quiet=quiet)
+        return path, f"{DEFAULT_MODEL_NAME} (embedded, {path})"
+    check_model_spec(spec)
+    return Path(spec).expanduser(), str(spec)
+
+
 def load_model(
     spec: str | None = None,
     dtype: str = "float32",
@@ -146,13 +157,7 @@ def load_model(
 
     torch_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
-    if spec in (None, "", "default"):
-        path = default_model_dir(quiet=quiet)
-        source = f"{DEFAULT_MODEL_NAME} (embedded, {path})"
-    else:
-        check_model_spec(spec)
-        path = Path(spec).expanduser()
-        source = str(spec)
+    path, source = _resolve(spec, quiet)
     manifest = None
     if stream and streamable(path):
         with _quiet_transformers(quiet):
@@ -198,18 +203,6 @@ def context_length(model) -> int | None:
     return None
 
 
-def _model_directory(spec: str | None, quiet: bool) -> Path:
-    """The local directory `spec` names (the embedded model's cache for the default)."""
-    if spec in (None, "", "default"):
-        return default_model_dir(quiet=quiet)
-    check_model_spec(spec)
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise SettingError("model", f"{{model}} {literal(spec)}: evaluation block by block reads a local model "
-                                    "directory (a .gguf file or a hub id is loaded whole)")
-    return path
-
-
 def open_model_streamed(spec: str | None = None, dtype: str = "float32", device: str = "cpu",
                         trust_remote_code: bool = False, quiet: bool = False) -> LoadedModel:
     """A model directory with its decoder blocks left on disk (`loaded.streamed` reads each at its turn): plain
@@ -217,7 +210,10 @@ def open_model_streamed(spec: str | None = None, dtype: str = "float32", device:
     an expanded model's experts are held compressed, as whole-model loading does."""
     from transformers import AutoTokenizer
 
-    path = _model_directory(spec, quiet)
+    path, source = _resolve(spec, quiet)
+    if not path.is_dir():
+        raise SettingError("model", f"{{model}} {literal(spec)}: evaluation block by block reads a local model "
+                                    "directory (a .gguf file or a hub id is loaded whole)")
     compact = resolve_device(device).type == "cpu"
     with _quiet_transformers(quiet):
         model, streamed = open_streamed_dir(path, parse_dtype(dtype), trust_remote_code, compact=compact)
@@ -225,7 +221,6 @@ def open_model_streamed(spec: str | None = None, dtype: str = "float32", device:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError) as exc:
             raise UsageError(f"could not load the tokenizer of {path}: {first_line(exc)}") from None
-    source = str(spec) if spec not in (None, "", "default") else f"{DEFAULT_MODEL_NAME} (embedded, {path})"
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path, streamed=streamed)
 
 
@@ -233,8 +228,6 @@ def weight_bytes_on_load(spec: str | None) -> int | None:
     """What loading `spec` whole puts in memory, estimated from the directory: the manifest's `dense_bytes` (the
     state dict as tensors; an expanded model held compressed on the CPU takes less) or the size of its safetensors
     files; None when it cannot be told (a .gguf file, a hub id)."""
-    from ..io.model_dir import read_manifest
-
     if spec in (None, "", "default"):
         return None  # the embedded model: 0.5 GB, always loaded whole
     path = Path(spec).expanduser()

@@ -112,7 +112,7 @@ def rebuild_layers(model: nn.Module, layers: dict[str, dict], dtype: torch.dtype
         resolve(name)
 
 
-def _compact(model: nn.Module, names: list[str]) -> None:
+def compact_layers(model: nn.Module, names: list[str]) -> None:
     """Hold the layers whose tensors were just loaded in their compressed form (their kinds decide)."""
     for name in {n.rsplit(".", 1)[0] for n in names}:
         try:
@@ -141,7 +141,7 @@ def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remo
         if result.unexpected_keys:
             raise UsageError(f"{path / name} has tensors the model does not: {', '.join(result.unexpected_keys[:3])}")
         if compact and dtype == torch.float32:
-            _compact(model, list(state))  # this file's dense experts go before the next file is read
+            compact_layers(model, list(state))  # this file's dense experts go before the next file is read
         del state
         if compact:
             release_memory()  # the freed dense stacks, handed back to the system (not kept by the allocator)

@@ -20,10 +20,9 @@ from ..errors import UsageError
 from ..io.compressed import compressed_names, load_compressed
 from ..io.model_dir import read_manifest, state_dict_files, verify_weights
 from ..layers import clear_router_memos
-from ..layers.protocol import kind_of
 from ..runtime import release_memory
 from .discovery import ModelLayout, discover
-from .model_dir import empty_model, meta_tensors, rebuild_layers
+from .model_dir import compact_layers, empty_model, meta_tensors, rebuild_layers
 
 
 def _weight_files(path: Path) -> list[Path] | None:
@@ -153,10 +152,7 @@ class StreamedStateDict:
             raise UsageError(f"{self.path} lacks tensors of the model: {prefix}{missing[0]}")
         block.to(self.dtype)
         if self.compact and self.dtype == torch.float32:
-            for module in block.modules():
-                kind = kind_of(module)
-                if kind is not None:
-                    kind.compact(module)
+            compact_layers(self.model, list(state))  # as whole-model loading does, file by file
         del state
         release_memory()  # the decoded dense stacks, handed back to the system before the block runs
 
