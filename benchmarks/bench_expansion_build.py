@@ -20,18 +20,7 @@ import time
 
 import torch
 
-from common import write_results
-
-
-def _llama7b_shaped(tokenizer, blocks: int, dtype: torch.dtype, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                         num_hidden_layers=blocks, vocab_size=len(tokenizer), max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    return model.eval().to("cpu")
+from common import llama7b_shaped, write_results
 
 
 def main() -> None:
@@ -73,7 +62,7 @@ def main() -> None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or default_model_dir(quiet=True))
-            model = _llama7b_shaped(tokenizer, args.blocks, getattr(torch, args.dtype), args.device)
+            model = llama7b_shaped(tokenizer, args.blocks, getattr(torch, args.dtype), args.device)
             session = session_for(LoadedModel(model, tokenizer, "llama-7b-shaped random", None), settings)
         if args.data == "random":
             generator = torch.Generator().manual_seed(0)

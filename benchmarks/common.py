@@ -26,3 +26,16 @@ def write_results(path: str, rows: list[dict], **extra) -> None:
     with open(tmp, "w") as handle:
         json.dump(payload, handle, indent=2)
     os.replace(tmp, path)
+
+
+def llama7b_shaped(tokenizer, blocks: int, dtype: torch.dtype, device: str = "cpu"):
+    """A random Llama-7B-shaped model (hidden 4096, FFN 11008, 32 heads) with `blocks` decoder blocks, seed 0,
+    initialized on `device` and returned on the CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                         num_hidden_layers=blocks, vocab_size=len(tokenizer), max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval().to("cpu")

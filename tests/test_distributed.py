@@ -43,11 +43,22 @@ def one_and_two(llama_dir, corpus_dir, tmp_path_factory):
     return one, two
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "sparse-expansion"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "sparse-expansion", "sparse-expansion-x16"])
 def test_two_processes_give_the_masks_and_perplexity_of_one(one_and_two, method):
     one, two = one_and_two
     ppl1, ppl2 = (json.loads((d / "ppl.json").read_text()) for d in (one, two))
     assert (ppl1["world"], ppl2["world"]) == (1, 2)
+    if method.startswith("sparse-expansion"):
+        # Experts divided across the ranks: each holds the statistics of half the clusters (x4: none falls
+        # back; x16: both ranks also hold the whole statistic its small clusters share)...
+        (alone,), (first, second) = ppl1["statistic_bytes"][method], ppl2["statistic_bytes"][method]
+        fallbacks = ppl1["ppl"][f"{method} fallback experts"]
+        if method == "sparse-expansion":
+            assert fallbacks == 0 and first == second == alone // 2
+        else:
+            assert 0 < fallbacks < 16 * 3 * 2 and max(first, second) < alone  # some clusters small, not all
+        # ...and the routers and cluster sizes are the one-process ones: the same experts fall back.
+        assert ppl2["ppl"][f"{method} fallback experts"] == fallbacks
     # One thread per process in both runs: the same arithmetic, so the same numbers bit for bit (the
     # acceptance asks for 1e-5; a sum of per-rank Hessians instead of the one-process order flips masks).
     assert ppl2["ppl"][method] == ppl1["ppl"][method]

@@ -8,7 +8,8 @@ nccl with `--device cuda`, one GPU per local rank) and then:
 - `all_reduce_sum_` / `gather_tensors`: statistics summed over ranks, or recorded tokens gathered in rank
   order (the one-process order);
 - `owner(i)` / `broadcast_`: the work of a block (pruning its linears, its experts) divided among ranks
-  round-robin, each result broadcast from the rank that computed it;
+  round-robin, each result broadcast from the rank that computed it (`owned`, `assemble_owned`);
+- `send` / `recv` / `gather_to`: tensors moved to one rank (an expert's tokens to the rank that owns it);
 - `check_same`: arguments that must agree across ranks (the command line) are compared, with a one-line
   error on every rank when they do not.
 """
@@ -109,6 +110,51 @@ def computed_by_owner(index: int, compute, shape: tuple[int, ...], dtype: torch.
     (in one process: just `compute()`). The result must have `shape` and `dtype`."""
     result = compute() if mine(index) else torch.empty(shape, dtype=dtype, device=device)
     return broadcast_(result, owner(index))
+
+
+def owned(count: int) -> list[int]:
+    """The work items of `count` that this rank computes (`owner(i) == rank()`), ascending."""
+    return list(range(rank(), count, world()))
+
+
+def assemble_owned(local: torch.Tensor, count: int) -> torch.Tensor:
+    """Items 0..count-1 on every rank from each owner's share: `local` holds this rank's items (`owned(count)`,
+    in order) stacked along dim 0; item i is broadcast from its owner (in one process: `local` itself)."""
+    if not active():
+        return local
+    result = torch.empty((count, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    for index in range(count):
+        if mine(index):
+            result[index] = local[index // world()]
+        broadcast_(result[index], owner(index))
+    return result
+
+
+def send(tensor: torch.Tensor, dst: int) -> None:
+    """Send `tensor` to rank `dst` (which calls `recv` with its shape and dtype)."""
+    _dist().send(tensor.contiguous().to(_comm_device()), dst)
+
+
+def recv(shape: tuple[int, ...], dtype: torch.dtype, src: int, device: torch.device | str) -> torch.Tensor:
+    """The tensor rank `src` sends, on `device`."""
+    buffer = torch.empty(shape, dtype=dtype, device=_comm_device())
+    _dist().recv(buffer, src)
+    return buffer.to(device)
+
+
+def gather_to(tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+    """Every rank's rows of `tensor` (same trailing shape and dtype on every rank), concatenated in rank
+    order, on rank `dst` only (None elsewhere); `tensor` itself in one process."""
+    if not active():
+        return tensor
+    rows = gather_objects(tensor.shape[0])
+    if rank() != dst:
+        if rows[rank()]:
+            send(tensor, dst)
+        return None
+    parts = [tensor if src == dst else recv((count, *tensor.shape[1:]), tensor.dtype, src, tensor.device)
+             for src, count in enumerate(rows) if count]
+    return torch.cat(parts) if parts else tensor[:0]
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,23 @@ class _RunningMean:
         return combined
 
     @classmethod
+    def combine_owned(cls, owned: dict, tokens: list[int], in_features: int,
+                      device: torch.device | str = "cpu") -> _RunningMean:
+        """`combine` of statistics 0..n-1 each held by its owner rank (`distributed.owner(i)`; `owned`: this
+        rank's, by index; `tokens`: every statistic's count), on every rank: the same terms summed in the same
+        order, so the same numbers as `combine` in one process."""
+        total = sum(tokens)
+        combined = cls(in_features, device)
+        buffer = torch.empty_like(getattr(combined, cls.FIELD))
+        acc = 0
+        for index, count in enumerate(tokens):
+            term = getattr(owned[index], cls.FIELD) * (count / total) if distributed.mine(index) else buffer
+            acc = acc + distributed.broadcast_(term, distributed.owner(index))
+        setattr(combined, cls.FIELD, acc)
+        combined.tokens = total
+        return combined
+
+    @classmethod
     def stack(cls, statistics: list) -> _RunningMean:
         """Several statistics as one batched statistic (one leading index each), e.g. one per expert."""
         stacked = cls.__new__(cls)
@@ -120,10 +137,14 @@ class Hessian(_RunningMean):
 
 
 class TokenRecorder:
-    """Keeps every token it sees (as (tokens, features) rows, on the device they came from)."""
+    """Keeps every token it sees (as (tokens, features) rows, on the device they came from, one entry per batch).
 
-    def __init__(self):
+    `gather=False`: under torch.distributed each rank keeps only the tokens of its own batches (`all_reduce` is
+    then the identity); the consumer exchanges what it needs (expansion/divided.py)."""
+
+    def __init__(self, gather: bool = True):
         self.batches: list[torch.Tensor] = []
+        self.gather = gather
 
     @property
     def tokens(self) -> int:
@@ -138,7 +159,8 @@ class TokenRecorder:
 
     def all_reduce(self) -> TokenRecorder:
         """Every rank's tokens, in rank order (the order of one process walking all the batches)."""
-        self.batches = distributed.gather_tensors(self.batches)
+        if self.gather:
+            self.batches = distributed.gather_tensors(self.batches)
         return self
 
     def all(self) -> torch.Tensor:

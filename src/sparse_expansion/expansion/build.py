@@ -7,9 +7,10 @@ For each block (on the dense block's calibration inputs):
 3. accumulate one statistic per cluster from that cluster's tokens and prune one copy of the dense
    weight per cluster with the experts' method from the pruning registry (SparseGPT by default; all
    experts of a layer in one batched pass);
-   under torch.distributed the recorded tokens are first gathered from every rank in rank order (the
-   one-process order), so routers and cluster statistics are the one-process ones, and the linears are
-   divided among the ranks, each broadcasting its experts;
+   under torch.distributed the experts are divided among the ranks (divided.py): the router is fitted once
+   and broadcast, each cluster's tokens go to the rank that owns its expert, which accumulates its statistic
+   in the one-process order and prunes it, and each expert is then broadcast from its owner (selective
+   expansion, which scores rows on all the inputs, gathers every rank's tokens instead);
 4. replace each FFN linear with an `ExpertLinear` and attach the routers to the block.
 With `selective` (a fraction p of rows), only the top p of each linear's output rows, by a score the caller
 supplies (`row_scores`), become expert rows (a (k, rows, in) stack pruned as above); the other rows are
@@ -42,6 +43,7 @@ from ..pruning.methods import PruneOptions, PruningMethod, get_method
 from ..pruning.spec import SparsitySpec
 from ..runtime import free_bytes
 from ..settings import AtLeast, Interval, check_fields, setting
+from .divided import fit_divided
 from .fitting import EXPERTS, INITS, PCA_REDUCTION, fit_router, pca_components, sample_tokens
 
 # (layer path, weight (out, in), the layer's calibration inputs (tokens, in) on the compute device, bias or
@@ -96,6 +98,7 @@ class ExpansionReport:
     config: ExpansionConfig
     seconds: float = 0.0
     router_seconds: float = 0.0
+    statistic_bytes: int = 0  # the most bytes of cluster statistics this process held at once (one input group)
     layers: dict[str, dict] = field(default_factory=dict)  # linear path -> per-expert sparsity, fallbacks
     routers: dict[str, dict] = field(default_factory=dict)  # router path -> cluster sizes
 
@@ -119,7 +122,7 @@ class ExpansionReport:
                 "kmeans_restarts": config.kmeans_restarts, "kmeans_iterations": config.kmeans_iterations,
                 "kmeans_init": config.kmeans_init, "router_backend": config.backend,
                 "min_cluster_tokens": config.min_cluster_tokens, "selective": config.selective,
-                "router_seconds": self.router_seconds,
+                "router_seconds": self.router_seconds, "cluster_statistic_bytes": self.statistic_bytes,
                 "fallback_experts": self.fallbacks(), "routers": self.routers, "layers": self.layers}
 
 
@@ -161,12 +164,13 @@ class GroupFit:
     small: list[int]  # clusters with fewer than min_cluster_tokens: pruned on the whole statistic
     router_seconds: float
     stack_of: object = None  # the statistic type (its `stack`)
+    owned: list[int] | None = None  # the experts whose statistics `clusters` holds (None: all; see divided.py)
     _stacks: dict = field(default_factory=dict)
 
     def stack(self, start: int, end: int, keep: bool = True):
         """Experts start..end-1's statistics as one batched statistic. `keep`: for the next linear that reads
         the same input (its factorization is cached on it); else the clusters' own copies are dropped."""
-        key = (start, end)
+        key = (start, end)  # positions in `clusters`
         if key in self._stacks:
             return self._stacks[key]
         stacked = self.stack_of.stack(self.clusters[start:end])
@@ -190,10 +194,16 @@ def experts_per_batch(rows: int, cols: int, experts: int, device: torch.device) 
 
 
 def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: PruningMethod, device: torch.device,
-              whole: bool = False) -> GroupFit:
+              whole: bool = False, in_features: int | None = None) -> GroupFit:
     """Fit the router on the tokens (at most `router_tokens` of them, a seeded sample), then route every token and
     accumulate one statistic per cluster (batches are consumed). A cluster with fewer than `min_cluster_tokens`
-    tokens uses the layer's whole statistic instead."""
+    tokens uses the layer's whole statistic instead.
+
+    Under torch.distributed, unless `whole` is asked for, the batches are this rank's own and the fit is divided:
+    `clusters` holds the statistics of this rank's experts only (divided.py; `in_features` then required)."""
+    if distributed.active() and not whole:
+        return GroupFit(**fit_divided(batches, in_features, config, method, device), stack_of=method.statistic,
+                        owned=distributed.owned(config.experts))
     start = time.perf_counter()
     tokens = sample_tokens(torch.cat(batches), config.router_tokens, config.seed)
     router = fit_router(tokens, config.experts, config.pca_reduction, config.kmeans_restarts,
@@ -211,11 +221,20 @@ def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: Prun
     return GroupFit(router, clusters, combined, sizes, small, seconds, stack_of=method.statistic)
 
 
+def statistic_bytes(fit: GroupFit) -> int:
+    """Bytes of the distinct statistics a fit holds (its clusters' and the whole one)."""
+    distinct = {id(s): s for s in (*fit.clusters, fit.whole) if s is not None}
+    return sum(t.nbytes for s in distinct.values() for t in vars(s).values() if isinstance(t, torch.Tensor))
+
+
 def prune_experts(weight: torch.Tensor, fit: GroupFit, experts: int, method: PruningMethod, spec: SparsitySpec,
                   options: PruneOptions, keep: bool = True) -> torch.Tensor:
-    """One pruned copy of `weight` (rows, in) per expert, each on its cluster's statistic: (k, rows, in).
-    Experts are pruned in batches that fit the free memory (all at once for small layers); `keep`: the
-    batched statistics stay for another linear that reads the same input."""
+    """One pruned copy of `weight` (rows, in) per expert whose statistic the fit holds (`experts` of them; in a
+    divided fit, this rank's), each on its cluster's statistic: (experts, rows, in). Experts are pruned in
+    batches that fit the free memory (all at once for small layers); `keep`: the batched statistics stay for
+    another linear that reads the same input."""
+    if experts == 0:  # a rank of a divided fit that owns no expert (more ranks than experts)
+        return weight.new_empty((0, *weight.shape))
     size = experts_per_batch(*weight.shape, experts, weight.device)
     parts = []
     for start in range(0, experts, size):
@@ -254,19 +273,23 @@ class ExpandStep(Step):
         self.groups = layout.input_groups("ffn")
 
     def observe(self, index: int, block: nn.Module) -> dict[str, Watch]:
-        return {group: Watch(names[0], TokenRecorder()) for group, names in self.groups.items()}
+        # Under torch.distributed a divided fit exchanges only what each rank's experts need; the selective
+        # path scores rows on all the inputs, so it gathers them.
+        gather = self.config.selective is not None
+        return {group: Watch(names[0], TokenRecorder(gather=gather)) for group, names in self.groups.items()}
 
     def modify(self, index: int, block: nn.Module, statistics: dict[str, TokenRecorder]) -> None:
         config, report = self.config, self.report
         selective = config.selective is not None
         routers = nn.ModuleDict()
         prefix = f"{self.layout.blocks_path}.{index}"
-        position = -1
         for group, names in self.groups.items():
             batches = statistics[group].batches
             inputs = torch.cat(batches).to(self.device) if selective else None  # what the row scores read
-            fit = fit_group(batches, config, self.method, self.device, whole=selective)
+            in_features = linear_weight(block.get_submodule(names[0])).shape[1]
+            fit = fit_group(batches, config, self.method, self.device, whole=selective, in_features=in_features)
             report.router_seconds += fit.router_seconds
+            report.statistic_bytes = max(report.statistic_bytes, statistic_bytes(fit))
             router, whole, sizes, small = fit.router, fit.whole, fit.sizes, fit.small
             report.routers[f"{prefix}.{ROUTERS_ATTR}.{group}"] = {"tokens_per_expert": sizes,
                                                                    "components": router.components}
@@ -282,11 +305,8 @@ class ExpandStep(Step):
                     zeros = [shared_zeros + z for z in (layer.expert_weight == 0).flatten(1).sum(1).tolist()]
                     extra = {"selected_rows": layer.selected_features}
                 else:
-                    # Under torch.distributed the linears are divided among the ranks, each broadcasts its experts.
-                    position += 1
-                    experts = distributed.computed_by_owner(
-                        position, lambda: self._prune_experts(weight, fit, keep), (config.experts, *weight.shape),
-                        weight.dtype, weight.device)
+                    # This rank's experts (all of them in one process), then every expert from its owner.
+                    experts = distributed.assemble_owned(self._prune_experts(weight, fit, keep), config.experts)
                     layer = ExpertLinear(router, experts, bias)
                     zeros = (layer.weight == 0).flatten(1).sum(1).tolist()
                     extra = {}
@@ -298,7 +318,7 @@ class ExpandStep(Step):
         setattr(block, ROUTERS_ATTR, routers)
 
     def _prune_experts(self, weight: torch.Tensor, fit: GroupFit, keep: bool) -> torch.Tensor:
-        return prune_experts(weight, fit, self.config.experts, self.method, self.spec, self.options, keep)
+        return prune_experts(weight, fit, len(fit.clusters), self.method, self.spec, self.options, keep)
 
     def _selective_layer(self, path: str, router: Router, weight: torch.Tensor, bias: torch.Tensor | None,
                          inputs: torch.Tensor, fit: GroupFit, whole, keep: bool) -> SelectiveExpertLinear:

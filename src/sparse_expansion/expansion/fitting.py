@@ -143,14 +143,20 @@ def _kmeans_torch(z: torch.Tensor, k: int, restarts: int, seed: int, max_iter: i
     return best
 
 
+def sample_indices(count: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """Which of `count` tokens a router is fitted on: None for all of them (no more than `limit`), else `limit`
+    indices drawn uniformly without replacement with `seed`, ascending."""
+    if limit is None or count <= limit:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(count, generator=generator)[:limit].sort().values
+
+
 def sample_tokens(x: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
     """At most `limit` rows of `x` (tokens, features): all of them when there are no more, else a uniform sample
     without replacement drawn with `seed`, kept in their original order."""
-    if limit is None or x.shape[0] <= limit:
-        return x
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(x.shape[0], generator=generator)[:limit].sort().values
-    return x[chosen.to(x.device)]
+    chosen = sample_indices(x.shape[0], limit, seed)
+    return x if chosen is None else x[chosen.to(x.device)]
 
 
 def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restarts: int = 1, seed: int = 0,
