@@ -210,20 +210,45 @@ def test_batched_experts_equal_one_at_a_time():
         assert torch.allclose(single.weight, batched.weight[e], atol=1e-6)
 
 
-def test_inverse_factor_and_dampening_retry():
+@pytest.mark.parametrize("factorization", ["reference", "fast"])
+def test_inverse_factor_and_dampening_retry(factorization):
     from sparse_expansion.pruning.sparsegpt import inverse_hessian_factors
 
     x = correlated_inputs(tokens=500, features=32)
     h = layer_stats(x)[0].matrix
     singular = torch.zeros(32, 32)
     singular[0, 0] = -1.0  # indefinite: needs the dampening raised
-    factors, damping = inverse_hessian_factors(torch.stack([h, singular]), 0.01)
+    factors, damping = inverse_hessian_factors(torch.stack([h, singular]), 0.01, factorization)
     damped = h + damping[0] * torch.eye(32)
     assert torch.allclose(factors[0].t() @ factors[0], torch.linalg.inv(damped), rtol=1e-3, atol=1e-4)
     assert torch.equal(factors[0], factors[0].triu())
     assert damping[1] > 1.0 and torch.isfinite(factors[1]).all()
-    single, single_damping = inverse_hessian_factors(h.unsqueeze(0), 0.01)
+    single, single_damping = inverse_hessian_factors(h.unsqueeze(0), 0.01, factorization)
     assert single_damping[0] == damping[0] and torch.equal(single[0], factors[0])
+
+
+def test_fast_factorization_is_the_reference_factor_up_to_rounding():
+    from sparse_expansion.pruning.sparsegpt import inverse_hessian_factors
+
+    x = correlated_inputs(tokens=3000, features=300)
+    h = layer_stats(x)[0].matrix.double()
+    # The upper Cholesky factor of (H + damp I)^-1 is unique: both paths must give it (float64 here, so that
+    # rounding is far below the tolerance), checked against scipy's inverse and Cholesky.
+    from scipy.linalg import cholesky, inv
+
+    reference, damping = inverse_hessian_factors(h.unsqueeze(0), 0.01, "reference")
+    fast, fast_damping = inverse_hessian_factors(h.unsqueeze(0), 0.01, "fast")
+    expected = cholesky(inv((h + damping[0] * torch.eye(300, dtype=h.dtype)).numpy()), lower=False)
+    assert fast_damping == damping
+    assert torch.allclose(fast[0], torch.from_numpy(expected), rtol=1e-8, atol=1e-10)
+    assert torch.allclose(reference[0], torch.from_numpy(expected), rtol=1e-8, atol=1e-10)
+    # float32, as the pipeline runs: SparseGPT on either factor gives nearly the same mask
+    weight = torch.randn(24, 300, generator=torch.Generator().manual_seed(6))
+    options = [PruneOptions(factorization=f) for f in ("reference", "fast")]
+    from sparse_expansion.pruning.methods import sparsegpt_method
+
+    masks = [sparsegpt_method(weight, layer_stats(x)[0], SparsitySpec(0.6), o) == 0 for o in options]
+    assert (masks[0] != masks[1]).float().mean() < 0.01
 
 
 @pytest.mark.parametrize("per_row", [True, False])

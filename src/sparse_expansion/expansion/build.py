@@ -117,6 +117,7 @@ class ExpansionReport:
         return {"method": "sparse-expansion", "sparsity": self.spec.sparsity,
                 "nm": f"{self.spec.n}:{self.spec.m}" if self.spec.is_nm else None, "scope": "ffn",
                 "bits": options.bits, "blocksize": options.blocksize, "percdamp": options.percdamp,
+                "factorization": options.factorization or "reference",
                 "seconds": self.seconds, "overall_sparsity": self.overall_sparsity(),
                 "experts": config.experts, "expert_method": config.method, "pca_reduction": config.pca_reduction,
                 "kmeans_restarts": config.kmeans_restarts, "kmeans_iterations": config.kmeans_iterations,

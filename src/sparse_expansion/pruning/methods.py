@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..settings import AtLeast, Positive, SettingError, check_fields, setting
 from .masks import lowest_mask
 from .quantization import BITS
-from .sparsegpt import hessian_factors, sparsegpt_prune
+from .sparsegpt import FACTORIZATIONS, hessian_factors, sparsegpt_prune
 from .spec import SPARSITY, SparsitySpec
 
 
@@ -29,6 +29,10 @@ class PruneOptions:
     bits: int | None = setting(None, "quantize jointly to B bits (sparsegpt only, 2..8)", BITS, metavar="B")
     blocksize: int = setting(128, "SparseGPT column block size", AtLeast(1))
     percdamp: float = setting(0.01, "SparseGPT dampening, fraction of mean diag(H)", Positive())
+    factorization: str | None = setting(
+        None, "how SparseGPT factors each damped Hessian: reference = Cholesky, its inverse, Cholesky again (the "
+        "authors' arithmetic); fast = one Cholesky and a triangular inverse, half the work, different rounding "
+        "(default: reference)", choices=tuple(FACTORIZATIONS))
 
     def __post_init__(self):
         check_fields(self)
@@ -55,10 +59,10 @@ def wanda_prune(weight: torch.Tensor, statistic: InputSquaredNorm, spec: Sparsit
 def sparsegpt_method(weight: torch.Tensor, statistic: Hessian, spec: SparsitySpec,
                      options: PruneOptions) -> torch.Tensor:
     # The factorization is cached on the statistic: layers that read the same input share it.
-    key = ("sparsegpt_factors", options.percdamp)
+    key = ("sparsegpt_factors", options.percdamp, options.factorization)
     if key not in statistic.derived:
         matrices = statistic.matrix if statistic.matrix.dim() == 3 else statistic.matrix.unsqueeze(0)
-        statistic.derived[key] = hessian_factors(matrices.to(weight.device), options.percdamp)
+        statistic.derived[key] = hessian_factors(matrices.to(weight.device), options.percdamp, options.factorization)
     return sparsegpt_prune(weight, None, spec, blocksize=options.blocksize, percdamp=options.percdamp,
                            bits=options.bits, factors=statistic.derived[key]).weight
 
