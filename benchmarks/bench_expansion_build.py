@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--kmeans-restarts", type=int, default=1)
+    parser.add_argument("--factorization", default=None, help="SparseGPT's factorization, both builds (default: "
+                                                               "reference)")
+    parser.add_argument("--router-tokens", type=int, default=None, help="fit routers on a sample of N tokens")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="docs/bench_expansion_build.json")
@@ -73,13 +76,15 @@ def main() -> None:
         spec = SparsitySpec(args.sparsity)
         model = copy.deepcopy(session.model)
         start = time.perf_counter()
-        prune_session_model(session, model, "sparsegpt", spec, PruneOptions())
+        options = PruneOptions(factorization=args.factorization)
+        prune_session_model(session, model, "sparsegpt", spec, options)
         sparsegpt_seconds = time.perf_counter() - start
         del model
         model = copy.deepcopy(session.model)
-        config = ExpansionConfig(experts=args.experts, kmeans_restarts=args.kmeans_restarts)
+        config = ExpansionConfig(experts=args.experts, kmeans_restarts=args.kmeans_restarts,
+                                 router_tokens=args.router_tokens)
         start = time.perf_counter()
-        report = expand_session_model(session, model, spec, PruneOptions(), config)
+        report = expand_session_model(session, model, spec, options, config)
         expansion_seconds = time.perf_counter() - start
         if args.save:
             from sparse_expansion.models.model_dir import save_model_dir
@@ -92,6 +97,7 @@ def main() -> None:
         row = {"shape": args.shape, "blocks": len(session.layout.blocks), "device": args.device, "dtype": args.dtype,
                "calib_windows": windows, "seqlen": seqlen, "calib_tokens": windows * seqlen,
                "experts": args.experts, "sparsity": args.sparsity, "kmeans_restarts": args.kmeans_restarts,
+               "factorization": args.factorization or "reference", "router_tokens": args.router_tokens,
                "tokenize_seconds": tokenize_seconds, "sparsegpt_seconds": sparsegpt_seconds,
                "expansion_seconds": expansion_seconds, "router_seconds": report.router_seconds,
                "ratio": expansion_seconds / sparsegpt_seconds}

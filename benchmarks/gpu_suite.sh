@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_suite.sh               # on the GPU (../shared/gpu/README.md: `. .device/env.sh` first)
 #
 # Steps (each writes its JSON to $OUT, or ./gpu-suite-out when OUT is unset; big files go to $WORK):
-#   1. the CUDA tests (tests/test_semi_structured.py: 2:4 layers against dense on the GPU)
+#   1. the CUDA tests (tests/test_semi_structured.py: 2:4 layers against dense on the GPU; tests/test_memory_plan.py:
+#      an expansion on the GPU, statistics on the device or the host, against the CPU)
 #   2. the Llama-7B-shaped build: SparseGPT against Sparse Expansion x16, 4 random blocks, 128 x 2048 random
 #      calibration tokens, fp16, 70%, with its time ratio; the expanded model saved to $WORK
 #   3. streamed evaluation of that expanded model (one block on the GPU at a time) with its peak GPU memory
@@ -40,7 +41,7 @@ if [ "$DRY" = 1 ]; then
   [ -d "$TOKENIZER" ] || $PY -c "import sys; from transformers import AutoTokenizer; \
 from sparse_expansion.models.loading import default_model_dir; \
 AutoTokenizer.from_pretrained(default_model_dir(quiet=True)).save_pretrained(sys.argv[1])" "$TOKENIZER"
-  $PY -m pytest -q --collect-only tests/test_semi_structured.py > /dev/null
+  $PY -m pytest -q --collect-only tests/test_semi_structured.py tests/test_memory_plan.py > /dev/null
   # Every command line parsed by its own parser (the CLI's, the benchmark's) in one process; nothing runs.
   $PY - "${#BUILD[@]}" "${BUILD[@]}" "${EVAL[@]}" "${SWITCH[@]}" <<'EOF'
 import contextlib, io, runpy, sys
@@ -66,7 +67,7 @@ fi
 
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: run with --dry-run on the CPU'"
 start=$(date +%s)
-$PY -m pytest -q tests/test_semi_structured.py 2>&1 | tail -3 | tee "$OUT/cuda_tests.txt"
+$PY -m pytest -q tests/test_semi_structured.py tests/test_memory_plan.py 2>&1 | tail -3 | tee "$OUT/cuda_tests.txt"
 $PY "${BUILD[@]}"
 $PY -m sparse_expansion.cli "${EVAL[@]}"
 $PY -m sparse_expansion.cli "${SWITCH[@]}"

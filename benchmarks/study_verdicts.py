@@ -53,8 +53,8 @@ def _cli() -> list[str]:
     return [str(Path(sys.executable).with_name("sparse-expansion"))]
 
 
-def _compare(name: str, *args: str) -> list[list[str]]:
-    json_path = OUT / f"{name}.json"
+def _compare(name: str, *args: str, out: Path = OUT) -> list[list[str]]:
+    json_path = out / f"{name}.json"
     if json_path.exists():
         return []
     state = Path(str(json_path) + ".partial")
@@ -91,13 +91,17 @@ def steps(study: str) -> list[list[str]]:
     return found
 
 
-def run(studies: list[str]) -> None:
+def run_commands(commands: list[list[str]]) -> None:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    for study in studies:
-        for command in steps(study):
-            Path(command[-1]).parent.mkdir(parents=True, exist_ok=True)
-            print("+", " ".join(command[1:]), flush=True)
-            subprocess.run(command, check=True, env=env)
+    for command in commands:
+        Path(command[-1]).parent.mkdir(parents=True, exist_ok=True)
+        print("+", " ".join(command[1:]), flush=True)
+        subprocess.run(command, check=True, env=env)
+
+
+def run(studies: list[str]) -> None:
+    for study in studies:  # each study's commands listed at its turn: it may read what the earlier ones wrote
+        run_commands(steps(study))
 
 
 # -- derive ------------------------------------------------------------------------------------------------

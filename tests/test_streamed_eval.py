@@ -90,3 +90,56 @@ def test_eval_streams_by_itself_when_the_weights_exceed_the_free_memory(built, c
     streamed = _eval(args, built["expanded"], tmp_path, "auto.json")
     assert streamed.get("streamed") is True
     assert streamed["ppl"] == pytest.approx(whole["ppl"], rel=1e-6)
+
+
+def _compare(args, tmp_path, name):
+    import json
+
+    assert main(["compare", *args, "--json", str(tmp_path / name)]) == 0
+    return json.loads((tmp_path / name).read_text())["results"]
+
+
+COMPARE = ["--methods", "dense,sparsegpt,sparse-expansion", "--sparsity", "0.5", "--experts", "2",
+           "--pca-reduction", "8"]
+
+
+def test_compare_streamed_builds_and_evaluates_block_by_block_with_the_whole_models_figures(llama_dir, corpus_dir,
+                                                                                          tmp_path):
+    args = [*COMPARE, "--model", str(llama_dir), "--data", str(corpus_dir), *SMALL]
+    whole = _compare(args, tmp_path, "whole.json")
+    streamed = _compare([*args, "--streamed"], tmp_path, "streamed.json")
+    for a, b in zip(whole, streamed, strict=True):
+        assert (a["method"], "streamed" in a) == (b["method"], False)
+        assert b.get("streamed") is (True if b["method"] != "dense" else None)  # dense: the session's own model
+        assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-6)
+        for key in ("measured_sparsity", "eval_tokens", "ffn_flops_per_token", "calib_windows_sha256"):
+            assert b[key] == a[key], key
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{n}.{e}" for n in ("whole", "streamed") for e in ("json", "md", "png"))  # no job store left
+
+
+def test_compare_streams_by_itself_when_the_built_model_would_not_fit(llama_dir, corpus_dir, tmp_path, monkeypatch):
+    import importlib
+
+    compare = importlib.import_module("sparse_expansion.workflow.compare")  # the module, not the function
+    args = ["--methods", "sparse-expansion", "--sparsity", "0.5", "--experts", "2", "--pca-reduction", "8",
+            "--model", str(llama_dir), "--data", str(corpus_dir), *SMALL]
+    whole = _compare(args, tmp_path, "whole.json")
+    monkeypatch.setattr(compare, "free_bytes", lambda device: 1 << 16)
+    (auto,) = _compare(args, tmp_path, "auto.json")
+    assert auto.get("streamed") is True and auto["ppl"] == pytest.approx(whole[0]["ppl"], rel=1e-6)
+
+
+def test_a_meta_copy_shares_nothing_and_gets_each_block_at_its_turn(llama_dir):
+    from sparse_expansion.workflow.streamed import copy_blocks_from, meta_copy
+
+    model = load_model(str(llama_dir), quiet=True).model
+    layout = discover(model)
+    copy = meta_copy(model, layout)
+    blocks = discover(copy).blocks
+    assert all(p.is_meta for p in blocks.parameters())
+    assert not any(p.is_meta for n, p in copy.named_parameters() if not n.startswith(layout.blocks_path + "."))
+    copy_blocks_from(layout.blocks)(1, blocks[1])
+    for (name, a), (_, b) in zip(layout.blocks[1].state_dict().items(), blocks[1].state_dict().items(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    assert all(p.is_meta for p in blocks[0].parameters())

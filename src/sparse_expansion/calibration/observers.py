@@ -1,7 +1,8 @@
-"""Statistics of calibration tensors, accumulated batch by batch: `update(tensor)` adds a batch, and
-`merge(other)` combines two partial statistics (other batches, another cluster, another process) into
-exactly what one statistic fed with both would hold, up to rounding; `all_reduce()` does the same across
-the processes of a torch.distributed run (every rank then holds the statistic of all ranks' tokens).
+"""Statistics of calibration tensors (float32 unless told otherwise), accumulated batch by batch:
+`update(tensor)` adds a batch, and `merge(other)` combines two partial statistics (other batches, another
+cluster, another process) into exactly what one statistic fed with both would hold, up to rounding;
+`all_reduce()` does the same across the processes of a torch.distributed run (every rank then holds the
+statistic of all ranks' tokens).
 
 They know nothing of models or algorithms: the engine feeds them a module's inputs or outputs.
 """
@@ -69,13 +70,13 @@ class _RunningMean:
         return combined
 
     @classmethod
-    def combine_owned(cls, owned: dict, tokens: list[int], in_features: int,
-                      device: torch.device | str = "cpu") -> _RunningMean:
+    def combine_owned(cls, owned: dict, tokens: list[int], in_features: int, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> _RunningMean:
         """`combine` of statistics 0..n-1 each held by its owner rank (`distributed.owner(i)`; `owned`: this
         rank's, by index; `tokens`: every statistic's count), on every rank: the same terms summed in the same
         order, so the same numbers as `combine` in one process."""
         total = sum(tokens)
-        combined = cls(in_features, device)
+        combined = cls(in_features, device, dtype)
         buffer = torch.empty_like(getattr(combined, cls.FIELD))
         acc = 0
         for index, count in enumerate(tokens):
@@ -100,13 +101,13 @@ class InputSquaredNorm(_RunningMean):
 
     FIELD = "mean_sq"
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
-        self.mean_sq = torch.zeros(in_features, dtype=torch.float32, device=device)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.mean_sq = torch.zeros(in_features, dtype=dtype, device=device)
         self.tokens = 0
         self.derived: dict = {}
 
     def _accumulate(self, inputs: torch.Tensor) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1]).to(self.mean_sq.device, torch.float32)
+        x = inputs.reshape(-1, inputs.shape[-1]).to(self.mean_sq.device, self.mean_sq.dtype)
         total = self.tokens + x.shape[0]
         self.mean_sq.mul_(self.tokens / total).add_(x.pow(2).sum(0), alpha=1.0 / total)
         self.tokens = total
@@ -121,13 +122,13 @@ class Hessian(_RunningMean):
 
     FIELD = "matrix"
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
-        self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.matrix = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.tokens = 0
         self.derived: dict = {}
 
     def _accumulate(self, inputs: torch.Tensor) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1]).to(self.matrix.device, torch.float32)
+        x = inputs.reshape(-1, inputs.shape[-1]).to(self.matrix.device, self.matrix.dtype)
         total = self.tokens + x.shape[0]
         self.matrix.mul_(self.tokens / total)
         x = x * (2.0 / total) ** 0.5

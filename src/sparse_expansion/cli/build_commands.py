@@ -12,7 +12,7 @@ from ..workflow import build, format_table
 from ..workflow.compare import report_path, run_compare
 from ..workflow.report import format_summary
 from ..workflow.session import RunSettings
-from ..workflow.settings import CompareSettings, OutputSettings, SeedSettings
+from ..workflow.settings import CompareSettings, EvalSettings, OutputSettings, SeedSettings
 from . import present
 from .parser import Command, Group, Parsed
 
@@ -47,7 +47,7 @@ def run_compare_command(parsed: Parsed) -> int:
     expansion = _expansion(parsed, settings, experts=chosen.experts[0])
     command_line = "sparse-expansion " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = run_compare(settings, chosen, parsed.get(PruneSettings), parsed.get(PruneOptions), expansion, output,
-                         command_line)
+                         command_line, parsed.get(EvalSettings))
     print(format_table(result.rows))
     print()
     print(format_summary(result.summary))
@@ -68,6 +68,6 @@ COMMANDS = [
     Command("compare", "several methods on the same calibration and test windows", (
         Group(CompareSettings, "compare"), Group(PruneSettings, PRUNING, only=("nm",)), Group(PruneOptions, PRUNING),
         Group(ExpansionConfig, EXPANSION, exclude=("experts",)), Group(RunSettings, DATA),
-        Group(OutputSettings, OUTPUT, only=("json", "resume"))),
+        Group(EvalSettings, "evaluation"), Group(OutputSettings, OUTPUT, only=("json", "resume"))),
         run_compare_command),
 ]

@@ -29,12 +29,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from .. import distributed
-from ..calibration import BlockHooks, SequentialCalibration, Step, TokenRecorder, Watch
+from ..calibration import BlockHooks, Hessian, SequentialCalibration, Step, TokenRecorder, Watch
 from ..errors import UsageError
 from ..layers import ROUTERS_ATTR, ExpertLinear, Router, SelectiveExpertLinear, clear_router_memos
 from ..models.discovery import ModelLayout, linear_weight
@@ -49,6 +50,12 @@ from .fitting import EXPERTS, INITS, PCA_REDUCTION, fit_router, pca_components, 
 # (layer path, weight (out, in), the layer's calibration inputs (tokens, in) on the compute device, bias or
 # None) -> one score per output row; the highest scores are expanded.
 RowScores = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+STATISTIC_DTYPES = ("float32", "bfloat16")
+# Share of the compute device's free memory that one input group's cluster statistics may take there; beyond it
+# they accumulate on the host (and go to the device a batch of experts at a time, as they are pruned).
+STATISTIC_MEMORY_SHARE = 0.4
 
 
 def _data_methods() -> list[str]:
@@ -77,6 +84,12 @@ class ExpansionConfig:
                                               "statistic (default: all tokens)", AtLeast(1), metavar="N")
     method: str = setting("sparsegpt", "how each expert is pruned on its cluster", choices=_data_methods,
                           flag="--expert-method")
+    statistic_dtype: str | None = setting(
+        None, "precision of the cluster statistics while they accumulate (bfloat16: half their memory; its effect "
+        "on perplexity is measured in docs/BENCHMARKS.md) (default: float32)", choices=STATISTIC_DTYPES)
+    statistic_device: str | None = setting(
+        None, "where cluster statistics accumulate: cpu keeps them on the host; default: the compute device, or the "
+        "host when they would not fit in STATISTIC_MEMORY_SHARE of its free memory", choices=("cpu",))
     selective: float | None = setting(
         None, "expand only the share of each FFN linear's rows that score highest (the CLI takes a percentage P, "
         "Python a fraction); the other rows are pruned once and shared (default: expand every row)",
@@ -127,9 +140,10 @@ class ExpansionReport:
                 "fallback_experts": self.fallbacks(), "routers": self.routers, "layers": self.layers}
 
 
-def _cluster_statistics(batches: list[torch.Tensor], router: Router, statistic_type, device: torch.device) -> list:
-    """One statistic per cluster, fed batch by batch with that cluster's tokens (in order)."""
-    statistics = [statistic_type(router.in_features, device) for _ in range(router.experts)]
+def _cluster_statistics(batches: list[torch.Tensor], router: Router, new_statistic, device: torch.device) -> list:
+    """One statistic per cluster (`new_statistic(in_features)`), fed batch by batch with that cluster's tokens (in
+    order; routed on `device`)."""
+    statistics = [new_statistic(router.in_features) for _ in range(router.experts)]
     for batch in batches:
         batch = batch.to(device)
         if router.experts == 1:
@@ -194,6 +208,19 @@ def experts_per_batch(rows: int, cols: int, experts: int, device: torch.device) 
     return max(1, min(experts, int(EXPERT_MEMORY_SHARE * free_bytes(device)) // per_expert))
 
 
+def statistic_placement(config: ExpansionConfig, method: PruningMethod, in_features: int, experts: int,
+                        device: torch.device) -> tuple[torch.device, torch.dtype]:
+    """Where and in what precision a group's cluster statistics accumulate (ExpansionConfig.statistic_device,
+    statistic_dtype): on the host when asked, or when `experts` of them would take more than
+    STATISTIC_MEMORY_SHARE of the compute device's free memory."""
+    dtype = getattr(torch, config.statistic_dtype or "float32")
+    if config.statistic_device == "cpu" or device.type == "cpu":
+        return torch.device("cpu"), dtype
+    per_feature = in_features if method.statistic is not None and issubclass(method.statistic, Hessian) else 1
+    needed = experts * in_features * per_feature * torch.empty(0, dtype=dtype).element_size()
+    return (torch.device("cpu") if needed > STATISTIC_MEMORY_SHARE * free_bytes(device) else device), dtype
+
+
 def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: PruningMethod, device: torch.device,
               whole: bool = False, in_features: int | None = None) -> GroupFit:
     """Fit the router on the tokens (at most `router_tokens` of them, a seeded sample), then route every token and
@@ -202,9 +229,15 @@ def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: Prun
 
     Under torch.distributed, unless `whole` is asked for, the batches are this rank's own and the fit is divided:
     `clusters` holds the statistics of this rank's experts only (divided.py; `in_features` then required)."""
+    in_features = in_features or batches[0].shape[-1]
     if distributed.active() and not whole:
-        return GroupFit(**fit_divided(batches, in_features, config, method, device), stack_of=method.statistic,
-                        owned=distributed.owned(config.experts))
+        placement = statistic_placement(config, method, in_features, len(distributed.owned(config.experts)), device)
+        if any(where.type == "cpu" for where, _ in distributed.gather_objects(placement)):
+            placement = (torch.device("cpu"), placement[1])  # every rank alike: the same arithmetic
+        return GroupFit(**fit_divided(batches, in_features, config, method.statistic, placement, device),
+                        stack_of=method.statistic, owned=distributed.owned(config.experts))
+    where, dtype = statistic_placement(config, method, in_features, config.experts, device)
+    new_statistic = partial(method.statistic, device=where, dtype=dtype)
     start = time.perf_counter()
     tokens = sample_tokens(torch.cat(batches), config.router_tokens, config.seed)
     router = fit_router(tokens, config.experts, config.pca_reduction, config.kmeans_restarts,
@@ -212,7 +245,7 @@ def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: Prun
                         init=config.kmeans_init).to(device)
     del tokens
     seconds = time.perf_counter() - start
-    clusters = _cluster_statistics(batches, router, method.statistic, device)
+    clusters = _cluster_statistics(batches, router, new_statistic, device)
     batches.clear()
     sizes = [s.tokens for s in clusters]
     small = [e for e, n in enumerate(sizes) if n < config.min_cluster_tokens]
@@ -316,7 +349,13 @@ class ExpandStep(Step):
                                        "zeros": zeros, "sparsity": [z / weight.numel() for z in zeros],
                                        "fallback_experts": small, **extra}
             routers[group] = router
+            if self.device.type != "cpu":
+                # The group's finished experts wait on the host while the block's next group is fitted and
+                # pruned (a Llama-2-70B gate and up: 15 GB in fp16 next to the down projection's work).
+                for name in names:
+                    block.get_submodule(name).to("cpu")
         setattr(block, ROUTERS_ATTR, routers)
+        block.to(self.device)  # whole again for the propagation
 
     def _prune_experts(self, weight: torch.Tensor, fit: GroupFit, keep: bool) -> torch.Tensor:
         return prune_experts(weight, fit, len(fit.clusters), self.method, self.spec, self.options, keep)

@@ -16,6 +16,7 @@ share plus its clusters' tokens from the others, about 2 / N of all of them inst
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
@@ -52,10 +53,11 @@ def fit_router_once(batches: list[torch.Tensor], in_features: int, dtype: torch.
     return router
 
 
-def owned_cluster_statistics(batches: list[torch.Tensor], router: Router, dtype: torch.dtype, statistic_type,
+def owned_cluster_statistics(batches: list[torch.Tensor], router: Router, dtype: torch.dtype, new_statistic,
                              device: torch.device) -> tuple[dict[int, object], list[int]]:
-    """This rank's clusters' statistics (by expert index), each fed batch by batch with that cluster's tokens from
-    every rank in rank order, and every cluster's token count (batches are consumed; `dtype`: the tokens')."""
+    """This rank's clusters' statistics (by expert index; `new_statistic(in_features)`), each fed batch by batch
+    with that cluster's tokens from every rank in rank order, and every cluster's token count (batches are
+    consumed; `dtype`: the tokens')."""
     experts, owner = router.experts, distributed.owner
     chunks = []  # per local batch: its tokens of each cluster, in the batch's order
     for batch in batches:
@@ -67,7 +69,7 @@ def owned_cluster_statistics(batches: list[torch.Tensor], router: Router, dtype:
     batches.clear()
     every = distributed.gather_objects([[chunk.shape[0] for chunk in row] for row in chunks])  # per rank
     sizes = [sum(row[e] for rows in every for row in rows) for e in range(experts)]
-    statistics = {e: statistic_type(router.in_features, device) for e in distributed.owned(experts)}
+    statistics = {e: new_statistic(router.in_features) for e in distributed.owned(experts)}
     me = distributed.rank()
     for src, rows in enumerate(every):
         # In rank order, which is the one-process order: each cluster's batches from rank `src`.
@@ -90,7 +92,8 @@ def owned_cluster_statistics(batches: list[torch.Tensor], router: Router, dtype:
     return statistics, sizes
 
 
-def fit_divided(batches: list[torch.Tensor], in_features: int, config, method, device: torch.device) -> dict:
+def fit_divided(batches: list[torch.Tensor], in_features: int, config, statistic_type, placement: tuple,
+                device: torch.device) -> dict:
     """What `build.fit_group` needs of a divided fit: the router, this rank's cluster statistics (in `owned`
     order), every cluster's size, the clusters below `min_cluster_tokens` and, when there are any, the whole
     statistic (combined across the ranks, for every rank)."""
@@ -99,9 +102,13 @@ def fit_divided(batches: list[torch.Tensor], in_features: int, config, method, d
     start = time.perf_counter()
     router = fit_router_once(batches, in_features, dtype, config, device)
     seconds = time.perf_counter() - start
-    statistics, sizes = owned_cluster_statistics(batches, router, dtype, method.statistic, device)
+    where, statistic_dtype = placement  # the statistics' device and precision (build.statistic_placement)
+    new_statistic = partial(statistic_type, device=where, dtype=statistic_dtype)
+    statistics, sizes = owned_cluster_statistics(batches, router, dtype, new_statistic, device)
     small = [e for e, n in enumerate(sizes) if n < config.min_cluster_tokens]
-    combined = method.statistic.combine_owned(statistics, sizes, in_features, device) if small else None
+    combined = None
+    if small:
+        combined = statistic_type.combine_owned(statistics, sizes, in_features, where, statistic_dtype)
     clusters = [combined if e in small else statistics[e] for e in distributed.owned(router.experts)]
     return {"router": router, "clusters": clusters, "whole": combined, "sizes": sizes, "small": small,
             "router_seconds": seconds}

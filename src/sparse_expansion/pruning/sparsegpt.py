@@ -31,34 +31,59 @@ class SparseGPTResult:
     damping: list[float]  # the dampening finally added to each Hessian's diagonal
 
 
-def _reference_factor(damped: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-    """SparseGPT's own arithmetic: Cholesky of H, its inverse, Cholesky of that (upper)."""
-    lower, info = torch.linalg.cholesky_ex(damped)
+def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """A copy of `hessian` with `damp` added to its diagonal."""
+    damped = hessian.clone()
+    damped.diagonal().add_(damp)
+    return damped
+
+
+def _reference_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, int]:
+    """SparseGPT's own arithmetic: Cholesky of H + damp I, its inverse, Cholesky of that (upper)."""
+    lower, info = torch.linalg.cholesky_ex(_damped(hessian, damp))
     if info.item() != 0:
         return None, 1
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
     return upper, int(info.item())
 
 
+_BLAS = {}
+
+
+def _blas_threads():
+    """scipy's BLAS limited to torch's thread count for a call (its own pool would otherwise start one thread per
+    core next to torch's: 2.5x slower per call on 2 cores shared with another process)."""
+    if "controller" not in _BLAS:
+        import threadpoolctl
+
+        _BLAS["controller"] = threadpoolctl.ThreadpoolController()
+    return _BLAS["controller"].limit(limits=torch.get_num_threads(), user_api="blas")
+
+
 def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """L^-1 of a lower-triangular L: LAPACK's strtri through scipy on the CPU (torch has no triangular inverse;
-    its triangular solve against the identity does three times the work: 141 ms against 44 ms at 1,536 columns,
-    one thread, docs/BENCHMARKS.md), a triangular solve on other devices."""
+    """L^-1 of a lower-triangular L: LAPACK's trtri through scipy on the CPU (torch has no triangular inverse;
+    its triangular solve against the identity does three times the work: 141 ms against 37 ms at 1,536 columns,
+    one thread), a triangular solve on other devices. L^T is handed over as the column-major upper factor it
+    is in memory (no copy), and its inverse read back transposed."""
     if lower.device.type == "cpu" and lower.dtype in (torch.float32, torch.float64):
         from scipy.linalg import lapack
 
         trtri = lapack.strtri if lower.dtype == torch.float32 else lapack.dtrtri
-        inverse, info = trtri(lower.numpy(), lower=1)
-        if info == 0:
-            return torch.from_numpy(inverse).tril_()
+        with _blas_threads():
+            inverse, info = trtri(lower.t().numpy(), lower=0)
+        if info == 0:  # its other triangle is L^T's, zero: the result is lower-triangular as it is
+            return torch.from_numpy(inverse).t()
     eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
     return torch.linalg.solve_triangular(lower, eye, upper=False)
 
 
-def _fast_factor(damped: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+def _fast_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, int]:
     """The same factor with one Cholesky and one triangular inverse (about half the work): with J the reversal,
-    J H J = L L^T gives H = R R^T for the upper R = J L J, so H^-1 = U^T U with U = R^-1 = J L^-1 J."""
-    lower, info = torch.linalg.cholesky_ex(damped.flip(-1, -2))
+    J H J = L L^T gives H = R R^T for the upper R = J L J, so H^-1 = U^T U with U = R^-1 = J L^-1 J. (J H J + damp I
+    = J (H + damp I) J: the reversed copy is damped in place.)"""
+    damped = hessian.flip(-1, -2)  # a copy
+    damped.diagonal().add_(damp)
+    lower, info = torch.linalg.cholesky_ex(damped)
     if info.item() != 0:
         return None, 1
     return _lower_inverse(lower).flip(-1, -2), 0
@@ -78,8 +103,6 @@ def inverse_hessian_factors(hessians: torch.Tensor, percdamp: float, factorizati
     differs by rounding, which changes masks (docs/BENCHMARKS.md judges it over calibration seeds).
     """
     factor = FACTORIZATIONS[factorization or "reference"]
-    cols = hessians.shape[-1]
-    idx = torch.arange(cols, device=hessians.device)
     factors = torch.empty_like(hessians)
     damping = []
     for e, hessian in enumerate(hessians):
@@ -87,10 +110,9 @@ def inverse_hessian_factors(hessians: torch.Tensor, percdamp: float, factorizati
         if damp <= 0:
             damp = percdamp
         for _ in range(MAX_DAMPING_TRIES):
-            damped = hessian.clone()
-            damped[idx, idx] += damp
-            upper, info = factor(damped)
-            if info == 0 and torch.isfinite(upper).all():
+            upper, info = factor(hessian, damp)
+            # A NaN or infinity anywhere makes the sum one: one reduction instead of a mask of the whole factor.
+            if info == 0 and torch.isfinite(upper.sum()):
                 factors[e] = upper
                 damping.append(damp)
                 break

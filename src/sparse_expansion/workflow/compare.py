@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,14 @@ from ..io.state_dir import StateDir
 from ..models import discover, ffn_costs
 from ..pruning import METHODS, PruneOptions, PruneReport, SparsitySpec, get_method
 from ..pruning.methods import PruneSettings
+from ..runtime import free_bytes, resolve_device
 from ..settings import SettingError
 from .build import fingerprint
-from .jobs import calibration_warning, evaluate, expand_session_model, prune_session_model
+from .jobs import calibration_warning, evaluate, evaluate_streamed, expand_session_model, prune_session_model
 from .report import compare_figure, environment, markdown_report, windows_digest
 from .session import RunSettings, Session, open_session
-from .settings import CompareSettings, OutputSettings, SeedSettings
-from .streamed import build_streamed
+from .settings import WHOLE_MODEL_SHARE, CompareSettings, EvalSettings, OutputSettings, SeedSettings
+from .streamed import build_streamed, copy_blocks_from, free_block, meta_copy, store_loader, streamed_costs
 
 EXPANSION = "sparse-expansion"
 
@@ -135,7 +137,9 @@ def _jobs(chosen: list[Technique], specs: list[SparsitySpec], experts: list[int]
     return jobs
 
 
-def _row(session: Session, t: Technique, spec, k, options: PruneOptions, model, report) -> dict:
+def _row(session: Session, t: Technique, spec, k, options: PruneOptions, model, report, store=None) -> dict:
+    """The run's figures; with a `store`, the model was built into it block by block (its blocks are on disk and
+    are evaluated from there, one at a time)."""
     s = session.settings
     calib_tokens = int(session.calib.numel()) if session.calib is not None and t.uses_data else 0
     row = {"method": t.name, "sparsity": spec.sparsity if spec else 0.0,
@@ -147,18 +151,49 @@ def _row(session: Session, t: Technique, spec, k, options: PruneOptions, model, 
            "calib_windows_sha256": windows_digest(session.calib) if t.uses_data else None,
            "test_windows_sha256": windows_digest(session.evaluation()),
            "environment": environment(session)}  # per run: a resumed compare may run on another machine
-    row.update(ffn_costs(model, discover(model)))
-    row.update(evaluate(session, model, desc=f"ppl {t.name}"))
+    if store is None:
+        row.update(ffn_costs(model, discover(model)))
+        row.update(evaluate(session, model, desc=f"ppl {t.name}"))
+        return row
+    row.update(streamed_costs(session, store))
+    dtype = next(p.dtype for p in model.parameters())
+    row.update(evaluate_streamed(session, f"ppl {t.name} (streamed)", model, store_loader(model, store, dtype),
+                                 free_block))
     return row
+
+
+def built_bytes(session: Session, t: Technique, experts: int | None) -> int:
+    """What a job's model would take whole in memory: the dense model's tensors, and for Sparse Expansion k - 1
+    more copies of its FFN linears."""
+    model = session.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if t.per_experts and experts:
+        size = next(p.element_size() for p in model.parameters())
+        ffn = sum(lin.in_features * lin.out_features for lin in session.layout.select("ffn"))
+        total += (experts - 1) * ffn * len(session.layout.blocks) * size
+    return total
+
+
+def streams(session: Session, t: Technique, experts: int | None, streamed: bool | None) -> bool:
+    """Whether a job is built into its store and evaluated block by block: when asked (`streamed`), or (None) when
+    its model would take more than WHOLE_MODEL_SHARE of the device's free memory (the rule `eval` follows)."""
+    if t.apply is None or not t.uses_data or streamed is False:
+        return False
+    if streamed:
+        return True
+    device = resolve_device(session.settings.device)
+    return built_bytes(session, t, experts) > WHOLE_MODEL_SHARE * free_bytes(device)
 
 
 def compare(session: Session, methods: list[str], specs: list[SparsitySpec], options: PruneOptions,
             experts: list[int] | None = None, expansion: ExpansionConfig | None = None,
-            state: CompareState | None = None, seeds: list[int] | None = None) -> list[dict]:
+            state: CompareState | None = None, seeds: list[int] | None = None,
+            streamed: bool | None = False) -> list[dict]:
     """Each method at each sparsity (and each expert count) on the same test windows, once per calibration seed
     (default: the session's seed), the runs of one seed on the same calibration windows. With a `state`, every
     finished row and every block of the job in progress is saved, and a resumed run continues where the
-    interrupted one stopped."""
+    interrupted one stopped. `streamed` (None: when the built model would not fit, `streams`): each built model
+    stays on disk, in its job's store (the state's, else a temporary one), and is evaluated one block at a time."""
     expansion = expansion or ExpansionConfig()
     experts = experts or [expansion.experts]
     seeds = seeds or [session.settings.seed]
@@ -177,18 +212,30 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
             continue
         session.use_seed(seed)
         config = dataclasses.replace(expansion, seed=seed)
-        model, report = session.model, None
+        model, report, store, scratch = session.model, None, None, None
+        stream = streams(session, t, k, streamed)
         if t.apply is not None:
-            model = copy.deepcopy(session.model)
-            if state is not None and t.uses_data:  # every block saved, a resumed job continues after the last
-                store = state.job_store(index, {"job": index, "method": t.name, "spec": spec.label, "experts": k,
-                                                "seed": seed})
+            if (state is not None and t.uses_data) or stream:  # every block saved (a resumed job continues there)
+                description = {"job": index, "method": t.name, "spec": spec.label, "experts": k, "seed": seed}
+                if state is not None:
+                    store = state.job_store(index, description)
+                else:
+                    scratch = Path(tempfile.mkdtemp(prefix="compare-job-", dir=session.settings.offload_dir))
+                    store = BlockStore(scratch / "job", description, resume=None)
+                # streamed: a copy without block tensors, each dense block copied at its turn and freed once saved
+                model = meta_copy(session.model, session.layout) if stream else copy.deepcopy(session.model)
                 report = build_streamed(session, store, lambda m, hooks, rep: t.apply(
                     session, m, spec, options, k, config, hooks, rep),
-                    t.new_report(session, spec, k, config), "dense", keep_model=True, model=model)
+                    t.new_report(session, spec, k, config), "dense", keep_model=not stream, model=model,
+                    onload=copy_blocks_from(session.layout.blocks) if stream else None)
             else:
+                model = copy.deepcopy(session.model)
                 report = t.apply(session, model, spec, options, k, config)
-        rows.append(_row(session, t, spec, k, options, model, report))
+        try:
+            rows.append(_row(session, t, spec, k, options, model, report, store if stream else None))
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         if state is not None:
             state.add_row(index, rows[-1])
         del model
@@ -221,7 +268,7 @@ class CompareResult:
 
 def run_compare(settings: RunSettings, compare_settings: CompareSettings, target: PruneSettings,
                 options: PruneOptions, expansion: ExpansionConfig, output: OutputSettings,
-                command_line: str = "") -> CompareResult:
+                command_line: str = "", evaluation: EvalSettings | None = None) -> CompareResult:
     """compare as a job: check the outputs, keep a resumable state directory when there is a JSON or a `resume`,
     run every job at every seed, write the JSON, the Markdown report and the figure (rank 0), drop the state."""
     specs = ([SparsitySpec.create(nm=target.nm)] if target.nm else
@@ -243,7 +290,8 @@ def run_compare(settings: RunSettings, compare_settings: CompareSettings, target
     try:
         session = open_session(settings)
         rows = compare(session, methods, specs, options, experts=list(compare_settings.experts),
-                       expansion=expansion, state=state, seeds=seeds)
+                       expansion=expansion, state=state, seeds=seeds,
+                       streamed=True if evaluation is not None and evaluation.streamed else None)
     except BaseException:
         if state is not None and not state.has_progress():
             state.discard()  # nothing worth resuming

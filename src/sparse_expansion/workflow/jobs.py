@@ -102,17 +102,20 @@ def choose_streamed(model: str | None, device: str, forced: bool) -> bool:
     return needed is not None and needed > WHOLE_MODEL_SHARE * free_bytes(resolve_device(device))
 
 
-def evaluate_streamed(session: Session, desc: str = "perplexity (streamed)") -> dict:
+def evaluate_streamed(session: Session, desc: str = "perplexity (streamed)", model=None, onload=None,
+                      offload=None) -> dict:
     """`evaluate` with one block in memory (evaluation/streamed.py): the session's model has its blocks on disk
-    (`open_model_streamed`); the test activations go to `offload_dir` files when it is set."""
+    (`open_model_streamed`), or `model`'s blocks are put in place by `onload` and freed by `offload` (a model built
+    into a block store: workflow/streamed.py); the test activations go to `offload_dir` files when it is set."""
     s = session.settings
-    streamed = session.loaded.streamed
+    if model is None:
+        model, onload, offload = session.model, session.loaded.streamed.onload, session.loaded.streamed.offload
     start = time.perf_counter()
     if torch.device(s.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
-    result = streamed_perplexity(session.model, session.layout, session.evaluation(), streamed.onload,
-                                 streamed.offload, device=s.device, progress=not s.quiet, desc=desc,
-                                 bos=session.bos_token_id, offload_dir=s.offload_dir)
+    result = streamed_perplexity(model, discover(model), session.evaluation(), onload, offload, device=s.device,
+                                 progress=not s.quiet, desc=desc, bos=session.bos_token_id,
+                                 offload_dir=s.offload_dir)
     return {**_result(result, session), "eval_seconds": time.perf_counter() - start, "streamed": True,
             **_peak_gpu(s.device)}
 

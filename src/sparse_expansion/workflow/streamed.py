@@ -13,6 +13,7 @@ Under torch.distributed every rank computes, rank 0 writes, and every rank resto
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -54,23 +55,64 @@ def _prepend_records(report, records: list[dict]) -> None:
         report.routers = {**routers, **report.routers}
 
 
+def meta_copy(model: nn.Module, layout) -> nn.Module:
+    """A copy of `model` whose decoder blocks hold no tensors (meta, filled at their turn by `copy_blocks_from`):
+    a build into a store needs no second whole model."""
+    memo = {}
+    for block in layout.blocks:
+        for tensor in (*block.parameters(), *block.buffers()):
+            empty = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
+def copy_blocks_from(blocks: nn.ModuleList) -> Callable[[int, nn.Module], None]:
+    """An engine `onload` that gives a `meta_copy` block its own copy of the source block's tensors."""
+    def onload(index: int, block: nn.Module) -> None:
+        for name, module in blocks[index].named_modules():
+            target = block.get_submodule(name)
+            for key, tensor in module._parameters.items():
+                if tensor is not None:
+                    target._parameters[key] = nn.Parameter(tensor.detach().clone(), requires_grad=False)
+            for key, tensor in module._buffers.items():
+                if tensor is not None:
+                    target._buffers[key] = tensor.clone()
+    return onload
+
+
+def store_loader(model: nn.Module, store: BlockStore, dtype: torch.dtype) -> Callable[[int, nn.Module], None]:
+    """An engine `onload` (or `restore`) that puts block i back from the store: its layers rebuilt as recorded,
+    every tensor assigned."""
+    def load(index: int, block: nn.Module) -> None:
+        rebuild_layers(model, store.layers(index), dtype)
+        result = model.load_state_dict(store.load_block(index), strict=False, assign=True)
+        assert not result.unexpected_keys, result.unexpected_keys
+    return load
+
+
+def free_block(index: int, block: nn.Module) -> None:
+    """An engine `offload` for a block that is on disk: its tensors dropped (back to meta)."""
+    clear_router_memos(block)
+    block.to("meta")
+    release_memory()
+
+
 def build_streamed(session: Session, store: BlockStore, job: Job, report, weight_format: str,
-                   keep_model: bool = False, model: nn.Module | None = None) -> object:
+                   keep_model: bool = False, model: nn.Module | None = None,
+                   onload: Callable[[int, nn.Module], None] | None = None) -> object:
     """Run `job` with the engine hooks that save every block to `store` (and restore the ones it has);
     blocks leave memory after being saved unless `keep_model`. `model`: another model than the session's
-    (a copy, as `compare` builds). Returns the job's report."""
+    (a copy, as `compare` builds; a `meta_copy` with `onload=copy_blocks_from(...)`). Returns the job's report."""
     if model is None or model is session.model:
         model, layout, streamed = session.model, session.layout, session.loaded.streamed
     else:
         layout, streamed = discover(model), None
+    if onload is None and streamed is not None:
+        onload = streamed.onload
     dtype = next((p.dtype for p in model.parameters() if not p.is_meta), torch.float32)
     encoding = store.state.get("encoding")
     start = store.done
-
-    def restore(index: int, block: nn.Module) -> None:
-        rebuild_layers(model, store.layers(index), dtype)
-        result = model.load_state_dict(store.load_block(index), strict=False, assign=True)
-        assert not result.unexpected_keys, result.unexpected_keys
+    restore = store_loader(model, store, dtype)
 
     def after_block(index: int, block: nn.Module, hidden, statistics) -> None:
         nonlocal encoding
@@ -90,12 +132,9 @@ def build_streamed(session: Session, store: BlockStore, job: Job, report, weight
         if keep_model:
             block.to("cpu")
         else:
-            clear_router_memos(block)
-            block.to("meta")  # saved: its tensors are no longer needed here
-            release_memory()
+            free_block(index, block)  # saved: its tensors are no longer needed here
 
-    hooks = BlockHooks(start=start, restore=restore, after_block=after_block, offload=offload,
-                       onload=None if streamed is None else streamed.onload)
+    hooks = BlockHooks(start=start, restore=restore, after_block=after_block, offload=offload, onload=onload)
     result = job(model, hooks, report)
     _prepend_records(result, [store.record(i) for i in range(start)])
     if encoding is None:
