@@ -3,7 +3,8 @@
 Back to back on the same calibration windows: the build alone (`--threads` threads), then under torchrun with N
 ranks of `--threads` threads each (gloo on the CPU, or nccl with `--device cuda`). Per rank: build seconds, the
 peak resident memory of the process, the bytes of cluster statistics it held at most (ExpansionReport), and a
-digest of the expanded model's tensors (the acceptance asks for the one-process weights).
+digest of the expanded model's tensors (the acceptance asks for the one-process weights). Each block is hashed
+and freed once built, as `expand --out` writes and frees it, so the peak is one block's work, not the model.
 
     # the embedded model, x16, 64 x 256 (docs/study/distributed/divided_embedded.json)
     python benchmarks/bench_distributed_build.py --out docs/study/distributed/divided_embedded.json
@@ -34,21 +35,21 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _digest(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+def _digest(module, digest) -> None:
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def worker(args) -> None:
     """One build (alone or as one rank); rank 0 writes every rank's figures to args.worker_out."""
     from sparse_expansion import distributed
+    from sparse_expansion.calibration import BlockHooks
     from sparse_expansion.expansion import ExpansionConfig
     from sparse_expansion.models.loading import LoadedModel, default_model_dir
     from sparse_expansion.pruning import PruneOptions, SparsitySpec
     from sparse_expansion.workflow import RunSettings, expand_session_model, open_session, session_for
+    from sparse_expansion.workflow.streamed import free_block
 
     torch.set_num_threads(args.threads)
     device = distributed.init_from_env(args.device)
@@ -69,10 +70,16 @@ def worker(args) -> None:
                                       generator=torch.Generator().manual_seed(0))
     session.calibration()
     before = _rss_bytes()
+    digest = hashlib.sha256()
+
+    def after_block(index, block, hidden, statistics):
+        _digest(block, digest)  # then the block leaves memory, as `expand --out` does (each rank holds one)
+
+    hooks = BlockHooks(after_block=after_block, offload=free_block)
     distributed.barrier()
     start = time.perf_counter()
     report = expand_session_model(session, session.model, SparsitySpec(args.sparsity), PruneOptions(),
-                                  ExpansionConfig(experts=args.experts))
+                                  ExpansionConfig(experts=args.experts), hooks=hooks)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gpu_peak = torch.cuda.max_memory_allocated() if str(device).startswith("cuda") else None
@@ -82,7 +89,7 @@ def worker(args) -> None:
     rows = distributed.gather_objects(row)
     if distributed.is_main():
         with open(args.worker_out, "w") as handle:
-            json.dump({"world": distributed.world(), "ranks": rows, "digest": _digest(session.model),
+            json.dump({"world": distributed.world(), "ranks": rows, "digest": digest.hexdigest(),
                        "blocks": len(session.layout.blocks)}, handle)
     distributed.shutdown()
 

@@ -17,12 +17,11 @@ the machine that ran both (check `environment` when a study was resumed elsewher
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from study_verdicts import OUT as VERDICTS
-from study_verdicts import SEEDS, _by_seed, _compare, _environments, _pair, run_commands
+from study_verdicts import SEEDS, _by_seed, _compare, _environments, _pair, run_commands, study_main
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "study" / "builds"
 EXPANSION = ["--methods", "sparse-expansion", "--experts", "16"]
@@ -55,7 +54,10 @@ def _rows(path: Path) -> dict | None:
     if rows.exists():
         found = json.loads(rows.read_text())["rows"]
         digests = {r["test_windows_sha256"] for r in found}
-        return {"results": found, "provisional": True, "test_windows_sha256": next(iter(digests), None)}
+        # rows from before compare recorded each row's environment fall back to the first recorded one
+        environment = next((r["environment"] for r in found if "environment" in r), None)
+        return {"results": found, "provisional": True, "test_windows_sha256": next(iter(digests), None),
+                "environment": environment}
     return None
 
 
@@ -123,18 +125,8 @@ def status() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("run").add_argument("study", help="f, g, h or a comma list of them")
-    sub.add_parser("derive")
-    sub.add_parser("status")
-    args = parser.parse_args()
-    if args.action == "run":
-        run_commands([command for study in args.study.split(",") for command in steps(study)])
-    elif args.action == "status":
-        status()
-    else:
-        derive()
+    study_main(__doc__, "f, g, h or a comma list of them",
+               lambda study: run_commands([c for name in study.split(",") for c in steps(name)]), status, derive)
 
 
 if __name__ == "__main__":

@@ -276,20 +276,25 @@ def status() -> None:
         print(f"({study}) {len(list(OUT.glob(pattern)))} of {SEEDS} seeds")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_main(doc: str, studies_help: str, run_studies, show_status, derive_all) -> None:
+    """The command line every study script shares: run STUDIES, status, derive."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
-    runner = sub.add_parser("run")
-    runner.add_argument("study", help="a, b, c, d, e, a comma list of them (in that order), or all")
+    sub.add_parser("run").add_argument("study", help=studies_help)
     sub.add_parser("derive")
     sub.add_parser("status")
     args = parser.parse_args()
     if args.action == "run":
-        run(list("abecd") if args.study == "all" else args.study.split(","))
+        run_studies(args.study)
     elif args.action == "status":
-        status()
+        show_status()
     else:
-        derive()
+        derive_all()
+
+
+def main() -> None:
+    study_main(__doc__, "a, b, c, d, e, a comma list of them (in that order), or all",
+               lambda study: run(list("abecd") if study == "all" else study.split(",")), status, derive)
 
 
 if __name__ == "__main__":
