@@ -75,9 +75,12 @@ def test_two_processes_give_the_masks_and_perplexity_of_one(one_and_two, method)
 
 
 def test_compare_under_torchrun_writes_one_report_with_the_one_process_figures(llama_dir, corpus_dir, tmp_path):
+    # --streamed in both runs: each rank builds from a meta copy and evaluates from the job store rank 0 writes
+    # (whole-model compare under torchrun is the same code as one process; tests/test_streamed_eval.py checks that
+    # streamed and whole compare agree).
     args = ["-m", "sparse_expansion.cli", "compare", "--model", str(llama_dir), "--data", str(corpus_dir),
             "--methods", "dense,sparsegpt,sparse-expansion", "--sparsity", "0.5", "--experts", "2",
-            "--pca-reduction", "8", *SMALL]
+            "--pca-reduction", "8", "--streamed", *SMALL]
     single = subprocess.run([sys.executable, *args, "--json", str(tmp_path / "one.json")], capture_output=True,
                             text=True, timeout=300, env=_env())
     assert single.returncode == 0, single.stderr[-3000:]

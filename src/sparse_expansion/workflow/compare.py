@@ -162,6 +162,14 @@ def _row(session: Session, t: Technique, spec, k, options: PruneOptions, model, 
     return row
 
 
+def _scratch_dir(session: Session) -> Path:
+    """A temporary directory for a streamed job's blocks, the same on every rank (rank 0 creates it)."""
+    path = None
+    if distributed.is_main():
+        path = tempfile.mkdtemp(prefix="compare-job-", dir=session.settings.offload_dir)
+    return Path(distributed.gather_objects(path)[0])
+
+
 def built_bytes(session: Session, t: Technique, experts: int | None) -> int:
     """What a job's model would take whole in memory: the dense model's tensors, and for Sparse Expansion k - 1
     more copies of its FFN linears."""
@@ -214,28 +222,30 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
         config = dataclasses.replace(expansion, seed=seed)
         model, report, store, scratch = session.model, None, None, None
         stream = streams(session, t, k, streamed)
-        if t.apply is not None:
-            if (state is not None and t.uses_data) or stream:  # every block saved (a resumed job continues there)
-                description = {"job": index, "method": t.name, "spec": spec.label, "experts": k, "seed": seed}
-                if state is not None:
-                    store = state.job_store(index, description)
-                else:
-                    scratch = Path(tempfile.mkdtemp(prefix="compare-job-", dir=session.settings.offload_dir))
-                    store = BlockStore(scratch / "job", description, resume=None)
-                # streamed: a copy without block tensors, each dense block copied at its turn and freed once saved
-                model = meta_copy(session.model, session.layout) if stream else copy.deepcopy(session.model)
-                report = build_streamed(session, store, lambda m, hooks, rep: t.apply(
-                    session, m, spec, options, k, config, hooks, rep),
-                    t.new_report(session, spec, k, config), "dense", keep_model=not stream, model=model,
-                    onload=copy_blocks_from(session.layout.blocks) if stream else None)
-            else:
-                model = copy.deepcopy(session.model)
-                report = t.apply(session, model, spec, options, k, config)
         try:
+            if t.apply is not None:
+                if (state is not None and t.uses_data) or stream:  # every block saved (a resumed job continues)
+                    description = {"job": index, "method": t.name, "spec": spec.label, "experts": k, "seed": seed}
+                    if state is not None:
+                        store = state.job_store(index, description)
+                    else:
+                        scratch = _scratch_dir(session)
+                        store = BlockStore(scratch / "job", description, resume=None)
+                    # streamed: a copy without block tensors, each dense block copied at its turn, freed once saved
+                    model = meta_copy(session.model, session.layout) if stream else copy.deepcopy(session.model)
+                    report = build_streamed(session, store, lambda m, hooks, rep: t.apply(
+                        session, m, spec, options, k, config, hooks, rep),
+                        t.new_report(session, spec, k, config), "dense", keep_model=not stream, model=model,
+                        onload=copy_blocks_from(session.layout.blocks) if stream else None)
+                else:
+                    model = copy.deepcopy(session.model)
+                    report = t.apply(session, model, spec, options, k, config)
             rows.append(_row(session, t, spec, k, options, model, report, store if stream else None))
         finally:
             if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+                distributed.barrier()
+                if distributed.is_main():
+                    shutil.rmtree(scratch, ignore_errors=True)
         if state is not None:
             state.add_row(index, rows[-1])
         del model

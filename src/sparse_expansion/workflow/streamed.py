@@ -140,6 +140,8 @@ def build_streamed(session: Session, store: BlockStore, job: Job, report, weight
     if encoding is None:
         encoding = resolve_weight_format({}, "compressed" if weight_format == "auto" else weight_format)
     store.state["encoding"] = encoding
+    # Rank 0 recorded the blocks it wrote; every rank reads them back (a streamed evaluation from the store).
+    store.state = distributed.gather_objects(store.state)[0]
     return result
 
 
