@@ -47,9 +47,9 @@ def worker(args) -> None:
     from sparse_expansion.calibration import BlockHooks
     from sparse_expansion.expansion import ExpansionConfig
     from sparse_expansion.models.loading import LoadedModel, default_model_dir
+    from sparse_expansion.models.streaming import free_block
     from sparse_expansion.pruning import PruneOptions, SparsitySpec
     from sparse_expansion.workflow import RunSettings, expand_session_model, open_session, session_for
-    from sparse_expansion.workflow.streamed import free_block
 
     torch.set_num_threads(args.threads)
     device = distributed.init_from_env(args.device)

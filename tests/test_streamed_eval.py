@@ -119,13 +119,12 @@ def test_compare_streamed_builds_and_evaluates_block_by_block_with_the_whole_mod
 
 
 def test_compare_streams_by_itself_when_the_built_model_would_not_fit(llama_dir, corpus_dir, tmp_path, monkeypatch):
-    import importlib
+    from sparse_expansion.workflow import jobs
 
-    compare = importlib.import_module("sparse_expansion.workflow.compare")  # the module, not the function
     args = ["--methods", "sparse-expansion", "--sparsity", "0.5", "--experts", "2", "--pca-reduction", "8",
             "--model", str(llama_dir), "--data", str(corpus_dir), *SMALL]
     whole = _compare(args, tmp_path, "whole.json")
-    monkeypatch.setattr(compare, "free_bytes", lambda device: 1 << 16)
+    monkeypatch.setattr(jobs, "free_bytes", lambda device: 1 << 16)  # the rule eval and compare share
     (auto,) = _compare(args, tmp_path, "auto.json")
     assert auto.get("streamed") is True and auto["ppl"] == pytest.approx(whole[0]["ppl"], rel=1e-6)
 

@@ -37,14 +37,14 @@ from torch import nn
 from .. import distributed
 from ..calibration import BlockHooks, Hessian, SequentialCalibration, Step, TokenRecorder, Watch
 from ..errors import UsageError
-from ..layers import ROUTERS_ATTR, ExpertLinear, Router, SelectiveExpertLinear, clear_router_memos
+from ..layers import ROUTERS_ATTR, ExpertLinear, Router, SelectiveExpertLinear, by_expert, clear_router_memos
 from ..models.discovery import ModelLayout, linear_weight
 from ..pruning.masks import check_nm_shape, highest_first
 from ..pruning.methods import PruneOptions, PruningMethod, get_method
 from ..pruning.spec import SparsitySpec
 from ..runtime import free_bytes
 from ..settings import AtLeast, Interval, check_fields, setting
-from .divided import fit_divided
+from . import divided as divided_fit
 from .fitting import EXPERTS, INITS, PCA_REDUCTION, fit_router, pca_components, sample_tokens
 
 # (layer path, weight (out, in), the layer's calibration inputs (tokens, in) on the compute device, bias or
@@ -149,10 +149,8 @@ def _cluster_statistics(batches: list[torch.Tensor], router: Router, new_statist
         if router.experts == 1:
             statistics[0].update(batch)
             continue
-        labels = router.assign(batch)
-        order = torch.argsort(labels, stable=True)  # tokens grouped by cluster, in their original order
-        counts = torch.bincount(labels, minlength=router.experts).tolist()
-        for statistic, chunk in zip(statistics, batch.index_select(0, order).split(counts)):
+        _, chunks = by_expert(batch, router.assign(batch), router.experts)
+        for statistic, chunk in zip(statistics, chunks):
             if chunk.shape[0]:
                 statistic.update(chunk)
     return statistics
@@ -173,13 +171,12 @@ class GroupFit:
     """A router fitted on one input's calibration tokens and the experts' statistics from its clusters."""
 
     router: Router
-    clusters: list  # one statistic per expert (the method's statistic type)
+    clusters: list  # one statistic per expert (the method's statistic type); in a divided fit, this rank's
     whole: object | None  # all clusters combined (for small clusters and shared rows), when asked for
     sizes: list[int]  # calibration tokens per cluster
     small: list[int]  # clusters with fewer than min_cluster_tokens: pruned on the whole statistic
     router_seconds: float
     stack_of: object = None  # the statistic type (its `stack`)
-    owned: list[int] | None = None  # the experts whose statistics `clusters` holds (None: all; see divided.py)
     _stacks: dict = field(default_factory=dict)
 
     def stack(self, start: int, end: int, keep: bool = True):
@@ -230,28 +227,39 @@ def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: Prun
     Under torch.distributed, unless `whole` is asked for, the batches are this rank's own and the fit is divided:
     `clusters` holds the statistics of this rank's experts only (divided.py; `in_features` then required)."""
     in_features = in_features or batches[0].shape[-1]
-    if distributed.active() and not whole:
-        placement = statistic_placement(config, method, in_features, len(distributed.owned(config.experts)), device)
-        if any(where.type == "cpu" for where, _ in distributed.gather_objects(placement)):
-            placement = (torch.device("cpu"), placement[1])  # every rank alike: the same arithmetic
-        return GroupFit(**fit_divided(batches, in_features, config, method.statistic, placement, device),
-                        stack_of=method.statistic, owned=distributed.owned(config.experts))
-    where, dtype = statistic_placement(config, method, in_features, config.experts, device)
+    divided = distributed.active() and not whole
+    owned = distributed.owned(config.experts) if divided else list(range(config.experts))
+    where, dtype = statistic_placement(config, method, in_features, len(owned), device)
+    if divided and any(w.type == "cpu" for w, _ in distributed.gather_objects((where, dtype))):
+        where = torch.device("cpu")  # every rank alike: the same arithmetic
     new_statistic = partial(method.statistic, device=where, dtype=dtype)
     start = time.perf_counter()
-    tokens = sample_tokens(torch.cat(batches), config.router_tokens, config.seed)
-    router = fit_router(tokens, config.experts, config.pca_reduction, config.kmeans_restarts,
-                        config.seed, config.backend, max_iter=config.kmeans_iterations,
-                        init=config.kmeans_init).to(device)
-    del tokens
-    seconds = time.perf_counter() - start
-    clusters = _cluster_statistics(batches, router, new_statistic, device)
+    if divided:
+        tokens_dtype = divided_fit.tokens_dtype(batches)
+        router = divided_fit.fit_router_once(batches, in_features, tokens_dtype, config, device)
+        seconds = time.perf_counter() - start
+        mine, sizes = divided_fit.owned_cluster_statistics(batches, router, tokens_dtype, new_statistic, device)
+        clusters = [mine[e] for e in owned]
+
+        def combine():
+            return method.statistic.combine_owned(mine, sizes, in_features, where, dtype)
+    else:
+        tokens = sample_tokens(torch.cat(batches), config.router_tokens, config.seed)
+        router = fit_router(tokens, config.experts, config.pca_reduction, config.kmeans_restarts,
+                            config.seed, config.backend, max_iter=config.kmeans_iterations,
+                            init=config.kmeans_init).to(device)
+        del tokens
+        seconds = time.perf_counter() - start
+        clusters = _cluster_statistics(batches, router, new_statistic, device)
+        sizes = [s.tokens for s in clusters]
+
+        def combine():
+            return method.statistic.combine(clusters)
     batches.clear()
-    sizes = [s.tokens for s in clusters]
     small = [e for e, n in enumerate(sizes) if n < config.min_cluster_tokens]
-    combined = method.statistic.combine(clusters) if small or whole else None
+    combined = combine() if small or whole else None
     if small:
-        clusters = [combined if e in small else cluster for e, cluster in enumerate(clusters)]
+        clusters = [combined if e in small else cluster for e, cluster in zip(owned, clusters, strict=True)]
     return GroupFit(router, clusters, combined, sizes, small, seconds, stack_of=method.statistic)
 
 
@@ -261,12 +269,13 @@ def statistic_bytes(fit: GroupFit) -> int:
     return sum(t.nbytes for s in distinct.values() for t in vars(s).values() if isinstance(t, torch.Tensor))
 
 
-def prune_experts(weight: torch.Tensor, fit: GroupFit, experts: int, method: PruningMethod, spec: SparsitySpec,
+def prune_experts(weight: torch.Tensor, fit: GroupFit, method: PruningMethod, spec: SparsitySpec,
                   options: PruneOptions, keep: bool = True) -> torch.Tensor:
-    """One pruned copy of `weight` (rows, in) per expert whose statistic the fit holds (`experts` of them; in a
-    divided fit, this rank's), each on its cluster's statistic: (experts, rows, in). Experts are pruned in
-    batches that fit the free memory (all at once for small layers); `keep`: the batched statistics stay for
-    another linear that reads the same input."""
+    """One pruned copy of `weight` (rows, in) per expert whose statistic the fit holds (in a divided fit, this
+    rank's), each on its cluster's statistic: (experts, rows, in). Experts are pruned in batches that fit the free
+    memory (all at once for small layers); `keep`: the batched statistics stay for another linear that reads the
+    same input."""
+    experts = len(fit.clusters)
     if experts == 0:  # a rank of a divided fit that owns no expert (more ranks than experts)
         return weight.new_empty((0, *weight.shape))
     size = experts_per_batch(*weight.shape, experts, weight.device)
@@ -286,7 +295,7 @@ def expand_linear(module: nn.Module, inputs: torch.Tensor, spec: SparsitySpec, c
     fit = fit_group([inputs], config, method, inputs.device)
     weight = linear_weight(module).detach().to(inputs.device)
     bias = getattr(module, "bias", None)
-    experts = prune_experts(weight, fit, config.experts, method, spec, options or PruneOptions())
+    experts = prune_experts(weight, fit, method, spec, options or PruneOptions())
     return fit.router, experts, None if bias is None else bias.detach()
 
 
@@ -358,7 +367,7 @@ class ExpandStep(Step):
         block.to(self.device)  # whole again for the propagation
 
     def _prune_experts(self, weight: torch.Tensor, fit: GroupFit, keep: bool) -> torch.Tensor:
-        return prune_experts(weight, fit, len(fit.clusters), self.method, self.spec, self.options, keep)
+        return prune_experts(weight, fit, self.method, self.spec, self.options, keep)
 
     def _selective_layer(self, path: str, router: Router, weight: torch.Tensor, bias: torch.Tensor | None,
                          inputs: torch.Tensor, fit: GroupFit, whole, keep: bool) -> SelectiveExpertLinear:

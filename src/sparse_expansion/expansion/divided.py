@@ -1,7 +1,7 @@
-"""Experts divided across the ranks of a torch.distributed run (torchrun): what each rank fits and holds.
+"""Experts divided across the ranks of a torch.distributed run (torchrun): what each rank fits and holds
+(`build.fit_group` calls these under torch.distributed and handles small clusters as in one process).
 
-In one process every function here gives what `build.fit_group` computes. Under torch.distributed each rank
-records only the tokens of its own calibration batches (a contiguous share, `distributed.shard`), and:
+Each rank records only the tokens of its own calibration batches (a contiguous share, `distributed.shard`), and:
 1. the router is fitted once, on rank 0, on the tokens (or the `router_tokens` sample) gathered there in rank
    order, which is the one-process order, and broadcast;
 2. each rank routes its own tokens; every expert e belongs to rank e mod N (`distributed.owner`), which receives
@@ -15,14 +15,16 @@ share plus its clusters' tokens from the others, about 2 / N of all of them inst
 
 from __future__ import annotations
 
-import time
-from functools import partial
-
 import torch
 
 from .. import distributed
-from ..layers import Router
+from ..layers import Router, by_expert
 from .fitting import fit_router, pca_components, sample_indices
+
+
+def tokens_dtype(batches: list[torch.Tensor]) -> torch.dtype:
+    """The recorded tokens' dtype, from the ranks that recorded any (a rank may have no calibration batch)."""
+    return next(d for d in distributed.gather_objects(batches[0].dtype if batches else None) if d is not None)
 
 
 def _local(batches: list[torch.Tensor], in_features: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -60,12 +62,10 @@ def owned_cluster_statistics(batches: list[torch.Tensor], router: Router, dtype:
     consumed; `dtype`: the tokens')."""
     experts, owner = router.experts, distributed.owner
     chunks = []  # per local batch: its tokens of each cluster, in the batch's order
-    for batch in batches:
+    for index, batch in enumerate(batches):
         batch = batch.to(device)
-        labels = router.assign(batch)
-        order = torch.argsort(labels, stable=True)
-        counts = torch.bincount(labels, minlength=experts).tolist()
-        chunks.append(list(batch.index_select(0, order).split(counts)))
+        batches[index] = None  # its grouped copy replaces it: one batch held twice at a time, not all of them
+        chunks.append(by_expert(batch, router.assign(batch), experts)[1])
     batches.clear()
     every = distributed.gather_objects([[chunk.shape[0] for chunk in row] for row in chunks])  # per rank
     sizes = [sum(row[e] for rows in every for row in rows) for e in range(experts)]
@@ -90,25 +90,3 @@ def owned_cluster_statistics(batches: list[torch.Tensor], router: Router, dtype:
             statistics[e].update(chunk)
         del parts
     return statistics, sizes
-
-
-def fit_divided(batches: list[torch.Tensor], in_features: int, config, statistic_type, placement: tuple,
-                device: torch.device) -> dict:
-    """What `build.fit_group` needs of a divided fit: the router, this rank's cluster statistics (in `owned`
-    order), every cluster's size, the clusters below `min_cluster_tokens` and, when there are any, the whole
-    statistic (combined across the ranks, for every rank)."""
-    dtype = distributed.gather_objects(batches[0].dtype if batches else None)
-    dtype = next(d for d in dtype if d is not None)
-    start = time.perf_counter()
-    router = fit_router_once(batches, in_features, dtype, config, device)
-    seconds = time.perf_counter() - start
-    where, statistic_dtype = placement  # the statistics' device and precision (build.statistic_placement)
-    new_statistic = partial(statistic_type, device=where, dtype=statistic_dtype)
-    statistics, sizes = owned_cluster_statistics(batches, router, dtype, new_statistic, device)
-    small = [e for e, n in enumerate(sizes) if n < config.min_cluster_tokens]
-    combined = None
-    if small:
-        combined = statistic_type.combine_owned(statistics, sizes, in_features, where, statistic_dtype)
-    clusters = [combined if e in small else statistics[e] for e in distributed.owned(router.experts)]
-    return {"router": router, "clusters": clusters, "whole": combined, "sizes": sizes, "small": small,
-            "router_seconds": seconds}

@@ -16,13 +16,13 @@ from .protocol import (
                register_converter,
                set_linear_weight,
 )
-from .router import Router
+from .router import Router, by_expert
 from .selective_linear import SelectiveExpertLinear
 from .sparse_linear import CSRWeight, SparseLinear
 from .switch import SwitchCache
 from .thresholded_linear import ThresholdedLinear
 
 __all__ = ["AccelerateContext", "CSRWeight", "Converter", "ExpertLinear", "LayerKind", "ROUTERS_ATTR", "Router",
-           "SelectiveExpertLinear", "SparseLinear", "SwitchCache", "ThresholdedLinear", "clear_router_memos",
-           "converters", "is_linear", "kind_named", "kind_of", "kinds", "linear_weight", "register",
-           "register_converter", "set_linear_weight"]
+           "SelectiveExpertLinear", "SparseLinear", "SwitchCache", "ThresholdedLinear", "by_expert",
+           "clear_router_memos", "converters", "is_linear", "kind_named", "kind_of", "kinds", "linear_weight",
+           "register", "register_converter", "set_linear_weight"]

@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import UsageError
 from .linear import nonzero_flops
 from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
-from .router import Router
+from .router import Router, by_expert
 from .sparse_linear import CSRWeight, apply_switch, csr_candidate, prepare_csr, sparse_product
 from .switch import ALWAYS
 
@@ -114,15 +114,13 @@ def routed_products(router: Router, x: torch.Tensor, flat: torch.Tensor, experts
     labels = router(x)
     if flat.shape[0] == 1:
         return product(int(labels[0]), flat)
-    order = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels, minlength=experts).tolist()
-    grouped = flat.index_select(0, order)
+    order, chunks = by_expert(flat, labels, experts)
     out_sorted = torch.empty(flat.shape[0], out_features, dtype=x.dtype, device=x.device)
     start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            end = start + count
-            out_sorted[start:end] = product(expert, grouped[start:end])
+    for expert, chunk in enumerate(chunks):
+        if chunk.shape[0]:
+            end = start + chunk.shape[0]
+            out_sorted[start:end] = product(expert, chunk)
             start = end
     return torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
 

@@ -102,3 +102,12 @@ class RouterKind(LayerKind):
 
 
 register(RouterKind())
+
+
+def by_expert(tokens: torch.Tensor, labels: torch.Tensor, experts: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`tokens` (n, features) grouped by their expert `labels`: the stable order that groups them (each expert's
+    tokens in their original order) and one chunk per expert, in that order (empty for an expert with none)."""
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=experts).tolist()
+    return order, list(tokens.index_select(0, order).split(counts))
+

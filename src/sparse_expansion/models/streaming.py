@@ -50,6 +50,14 @@ def streamable(path: str | Path | None) -> bool:
     return manifest is None or manifest["weights"]["form"] == "hf"
 
 
+def free_block(index: int, block: nn.Module) -> None:
+    """An engine `offload` for a block whose tensors are on disk: they are dropped (back to meta) and the freed
+    memory handed back to the system."""
+    clear_router_memos(block)
+    block.to("meta")
+    release_memory()
+
+
 class StreamedBlocks:
     """Reads a block's tensors from the checkpoint on `onload`, frees them on `offload`."""
 
@@ -158,9 +166,7 @@ class StreamedStateDict:
 
     @staticmethod
     def offload(index: int, block: nn.Module) -> None:
-        clear_router_memos(block)
-        block.to("meta")
-        release_memory()
+        free_block(index, block)
 
 
 def open_streamed_dir(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False, compact: bool = False):

@@ -31,9 +31,9 @@ class SparseGPTResult:
     damping: list[float]  # the dampening finally added to each Hessian's diagonal
 
 
-def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """A copy of `hessian` with `damp` added to its diagonal."""
-    damped = hessian.clone()
+def _damped(hessian: torch.Tensor, damp: float, reverse: bool = False) -> torch.Tensor:
+    """A copy of `hessian` (rows and columns reversed with `reverse`) with `damp` added to its diagonal."""
+    damped = hessian.flip(-1, -2) if reverse else hessian.clone()
     damped.diagonal().add_(damp)
     return damped
 
@@ -81,9 +81,7 @@ def _fast_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor | Non
     """The same factor with one Cholesky and one triangular inverse (about half the work): with J the reversal,
     J H J = L L^T gives H = R R^T for the upper R = J L J, so H^-1 = U^T U with U = R^-1 = J L^-1 J. (J H J + damp I
     = J (H + damp I) J: the reversed copy is damped in place.)"""
-    damped = hessian.flip(-1, -2)  # a copy
-    damped.diagonal().add_(damp)
-    lower, info = torch.linalg.cholesky_ex(damped)
+    lower, info = torch.linalg.cholesky_ex(_damped(hessian, damp, reverse=True))
     if info.item() != 0:
         return None, 1
     return _lower_inverse(lower).flip(-1, -2), 0

@@ -26,17 +26,25 @@ from ..expansion import ExpansionConfig, ExpansionReport
 from ..io import atomic_write_text, check_output_path
 from ..io.block_store import BlockStore, default_state_dir
 from ..io.state_dir import StateDir
+from ..layers.protocol import unique_tensor_bytes
 from ..models import discover, ffn_costs
+from ..models.streaming import free_block
 from ..pruning import METHODS, PruneOptions, PruneReport, SparsitySpec, get_method
 from ..pruning.methods import PruneSettings
-from ..runtime import free_bytes, resolve_device
 from ..settings import SettingError
 from .build import fingerprint
-from .jobs import calibration_warning, evaluate, evaluate_streamed, expand_session_model, prune_session_model
+from .jobs import (
+    calibration_warning,
+    evaluate,
+    evaluate_streamed,
+    expand_session_model,
+    prune_session_model,
+    too_big_to_hold,
+)
 from .report import compare_figure, environment, markdown_report, windows_digest
 from .session import RunSettings, Session, open_session
-from .settings import WHOLE_MODEL_SHARE, CompareSettings, EvalSettings, OutputSettings, SeedSettings
-from .streamed import build_streamed, copy_blocks_from, free_block, meta_copy, store_loader, streamed_costs
+from .settings import CompareSettings, EvalSettings, OutputSettings, SeedSettings
+from .streamed import build_streamed, copy_blocks_from, meta_copy, store_loader, streamed_costs
 
 EXPANSION = "sparse-expansion"
 
@@ -174,7 +182,7 @@ def built_bytes(session: Session, t: Technique, experts: int | None) -> int:
     """What a job's model would take whole in memory: the dense model's tensors, and for Sparse Expansion k - 1
     more copies of its FFN linears."""
     model = session.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = unique_tensor_bytes([*model.parameters(), *model.buffers()])
     if t.per_experts and experts:
         size = next(p.element_size() for p in model.parameters())
         ffn = sum(lin.in_features * lin.out_features for lin in session.layout.select("ffn"))
@@ -189,8 +197,7 @@ def streams(session: Session, t: Technique, experts: int | None, streamed: bool 
         return False
     if streamed:
         return True
-    device = resolve_device(session.settings.device)
-    return built_bytes(session, t, experts) > WHOLE_MODEL_SHARE * free_bytes(device)
+    return too_big_to_hold(built_bytes(session, t, experts), session.settings.device)
 
 
 def compare(session: Session, methods: list[str], specs: list[SparsitySpec], options: PruneOptions,

@@ -99,7 +99,13 @@ def choose_streamed(model: str | None, device: str, forced: bool) -> bool:
     if forced:
         return True
     needed = weight_bytes_on_load(model)
-    return needed is not None and needed > WHOLE_MODEL_SHARE * free_bytes(resolve_device(device))
+    return needed is not None and too_big_to_hold(needed, device)
+
+
+def too_big_to_hold(needed: int, device: str) -> bool:
+    """The rule for evaluating block by block: a whole model of `needed` bytes would take more than
+    WHOLE_MODEL_SHARE of the free memory of `device`."""
+    return needed > WHOLE_MODEL_SHARE * free_bytes(resolve_device(device))
 
 
 def evaluate_streamed(session: Session, desc: str = "perplexity (streamed)", model=None, onload=None,

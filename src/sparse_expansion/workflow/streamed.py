@@ -23,11 +23,10 @@ from .. import distributed
 from ..calibration import BlockHooks
 from ..io.block_store import BlockStore
 from ..io.compressed import resolve_weight_format
-from ..layers import clear_router_memos
 from ..models import discover
 from ..models.costs import block_ffn_costs, sum_block_costs
 from ..models.model_dir import describe_layers, rebuild_layers, save_config
-from ..runtime import release_memory
+from ..models.streaming import free_block
 from .session import Session
 
 # job(model, hooks, report) -> report, filled by the blocks this run builds (the restored ones are added after)
@@ -88,13 +87,6 @@ def store_loader(model: nn.Module, store: BlockStore, dtype: torch.dtype) -> Cal
         result = model.load_state_dict(store.load_block(index), strict=False, assign=True)
         assert not result.unexpected_keys, result.unexpected_keys
     return load
-
-
-def free_block(index: int, block: nn.Module) -> None:
-    """An engine `offload` for a block that is on disk: its tensors dropped (back to meta)."""
-    clear_router_memos(block)
-    block.to("meta")
-    release_memory()
 
 
 def build_streamed(session: Session, store: BlockStore, job: Job, report, weight_format: str,
