@@ -219,5 +219,9 @@ class ExpertLinearKind(LayerKind):
         module.compact()
         return module
 
+    def release(self, module: ExpertLinear) -> None:
+        module.expert_kernels = None  # a compact layer's CSR copies: the only storage it had left
+        module._compacted = False
+
 
 register(ExpertLinearKind())

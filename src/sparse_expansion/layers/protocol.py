@@ -85,6 +85,11 @@ class LayerKind:
         """Hold the layer in its compressed form only (inference; no dense copy kept). Default: as it is."""
         return module
 
+    def release(self, module: nn.Module) -> None:
+        """Drop the copies the layer holds beside its parameters and buffers (compressed or accelerated forms),
+        for a block whose tensors are being freed (back to meta): it keeps nothing and runs only once its
+        tensors are loaded and the layer rebuilt. Default: it holds none."""
+
 
 @dataclass(frozen=True)
 class Converter:

@@ -91,6 +91,10 @@ class RouterKind(LayerKind):
     def rebuild(self, spec: dict, resolve, dtype: torch.dtype) -> Router:
         return Router(spec["in_features"], spec["components"], spec["experts"])
 
+    def release(self, module: Router) -> None:
+        module.clear_memo()  # the last input it routed, and its labels
+        module._fused_cache = None
+
     def flops_per_token(self, module: Router) -> float:
         return float(module.flops_per_token())
 

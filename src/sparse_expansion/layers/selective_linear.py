@@ -153,6 +153,9 @@ class SelectiveExpertLinearKind(LayerKind):
         module.expert_kernels = csr_copies(module.expert_weight, context)
         return module
 
+    def release(self, module: SelectiveExpertLinear) -> None:
+        module.shared_kernel, module.expert_kernels = None, None
+
     def fast_paths(self, module: SelectiveExpertLinear) -> list:
         return [k for k in (module.shared_kernel, *(module.expert_kernels or [])) if k is not None]
 

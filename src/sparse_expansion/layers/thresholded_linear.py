@@ -155,5 +155,8 @@ class ThresholdedLinearKind(LinearKind):
     def fast_paths(self, module: ThresholdedLinear) -> list:
         return [module.kernel] if module.kernel is not None else []
 
+    def release(self, module: ThresholdedLinear) -> None:
+        module.kernel = None
+
 
 register(ThresholdedLinearKind())

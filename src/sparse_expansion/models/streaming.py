@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import UsageError
 from ..io.compressed import compressed_names, load_compressed
 from ..io.model_dir import read_manifest, state_dict_files, verify_weights
-from ..layers import clear_router_memos
+from ..layers import kind_of
 from ..runtime import release_memory
 from .discovery import ModelLayout, discover
 from .model_dir import compact_layers, empty_model, meta_tensors, rebuild_layers
@@ -51,9 +51,13 @@ def streamable(path: str | Path | None) -> bool:
 
 
 def free_block(index: int, block: nn.Module) -> None:
-    """An engine `offload` for a block whose tensors are on disk: they are dropped (back to meta) and the freed
-    memory handed back to the system."""
-    clear_router_memos(block)
+    """An engine `offload` for a block whose tensors are on disk: they are dropped (back to meta), with every copy
+    its layers hold beside them (`LayerKind.release`: a compact expert layer's CSR copies, a router's memo), and the freed memory
+    handed back to the system."""
+    for module in block.modules():
+        kind = kind_of(module)
+        if kind is not None:
+            kind.release(module)
     block.to("meta")
     release_memory()
 
