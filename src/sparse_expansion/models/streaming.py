@@ -52,8 +52,8 @@ def streamable(path: str | Path | None) -> bool:
 
 def free_block(index: int, block: nn.Module) -> None:
     """An engine `offload` for a block whose tensors are on disk: they are dropped (back to meta), with every copy
-    its layers hold beside them (`LayerKind.release`: a compact expert layer's CSR copies, a router's memo), and the freed memory
-    handed back to the system."""
+    its layers hold beside them (`LayerKind.release`: a compact expert layer's CSR copies, a router's memo), and
+    the freed memory handed back to the system."""
     for module in block.modules():
         kind = kind_of(module)
         if kind is not None:
