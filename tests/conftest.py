@@ -187,7 +187,7 @@ def generate_from_both_formats(tmp_path, capsys, prune_args, prompt, new_tokens,
 # The longest test files first, so that the two test workers (pytest-xdist, one file per worker at a time) finish
 # together instead of one starting the embedded model's minutes last (seconds measured with --durations).
 LONGEST_FIRST = ("test_embedded_model.py", "test_embedded_generate.py", "test_distributed.py", "test_bad_input.py",
-                 "test_resume.py", "test_packaging.py", "test_cli.py")
+                 "test_embedded_streamed.py", "test_resume.py", "test_packaging.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
