@@ -29,9 +29,9 @@ class IntermediateActivations:
 
 def collect_intermediate(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, max_tokens: int = 4096,
                          seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 8,
-                         progress: bool = True) -> IntermediateActivations:
+                         progress: bool = True, streamed=None) -> IntermediateActivations:
     """The dense model's FFN intermediate activations (the input of each FFN output linear), at most
-    `max_tokens` rows per layer (a seeded sample of the calibration tokens)."""
+    `max_tokens` rows per layer (a seeded sample of the calibration tokens); `streamed`: walk_ffn_inputs'."""
     collected = IntermediateActivations()
     outputs = {lin.name for lin in layout.select("ffn") if lin.role == "ffn_out"}
     if not outputs:
@@ -53,7 +53,7 @@ def collect_intermediate(model: nn.Module, layout: ModelLayout, windows: torch.T
                 collected.labels[path] = router.assign(rows.to(router.mean.device)).cpu()
 
     walk_ffn_inputs(model, layout, windows, list(range(len(layout.blocks))), on_layer, device, batch_size,
-                    progress=progress, desc="activations")
+                    progress=progress, desc="activations", streamed=streamed)
     return collected
 
 

@@ -115,20 +115,24 @@ class FFNInputsStep(Step):
 
 def walk_ffn_inputs(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, blocks: list[int],
                     on_layer: Callable, device: torch.device | str = "cpu", batch_size: int = 8,
-                    progress: bool = True, desc: str = "neurons") -> None:
-    """Run the dense model up to the last of `blocks`, calling `on_layer` for each FFN linear of `blocks`."""
+                    progress: bool = True, desc: str = "neurons", streamed=None) -> None:
+    """Run the dense model up to the last of `blocks`, calling `on_layer` for each FFN linear of `blocks`.
+    `streamed`: the reader of a model whose blocks wait on disk (its `onload`/`offload` bring each in at its turn)."""
+    hooks = BlockHooks(stop_after=max(blocks))
+    if streamed is not None:
+        hooks = BlockHooks(stop_after=max(blocks), onload=streamed.onload, offload=streamed.offload)
     engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=progress, desc=desc,
-                                   hooks=BlockHooks(stop_after=max(blocks)))
+                                   hooks=hooks)
     engine.run(windows, FFNInputsStep(layout, blocks, on_layer))
 
 
 def analyze_neurons(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, blocks: list[int],
                     on_layer: Callable[[LayerNeurons], None], top_percent: float = 3.0, pairs: int | None = None,
                     seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 8,
-                    progress: bool = True) -> None:
+                    progress: bool = True, streamed=None) -> None:
     """Measure every FFN linear of `blocks`; `on_layer` receives each `LayerNeurons` as soon as it is done."""
     def measure(index, name, role, module, inputs):
         on_layer(measure_layer(f"{layout.blocks_path}.{index}.{name}", index, name, role, module, inputs,
                                top_percent, pairs, seed))
 
-    walk_ffn_inputs(model, layout, windows, blocks, measure, device, batch_size, progress)
+    walk_ffn_inputs(model, layout, windows, blocks, measure, device, batch_size, progress, streamed=streamed)

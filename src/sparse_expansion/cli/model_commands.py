@@ -13,8 +13,8 @@ from ..io import atomic_write_text, check_output_path
 from ..models import load_model
 from ..models.loading import check_model_spec
 from ..workflow.generate import run_generate
-from ..workflow.jobs import choose_streamed, evaluate_streamed
-from ..workflow.session import RunSettings, open_streamed_session
+from ..workflow.jobs import open_session_for
+from ..workflow.session import RunSettings
 from ..workflow.settings import (
     BenchSettings,
     EvalSettings,
@@ -46,12 +46,8 @@ def run_eval(parsed: Parsed) -> int:
     settings, output = parsed.get(RunSettings), parsed.get(OutputSettings)
     if output.json:
         check_output_path(output.json, overwrite=True)
-    if choose_streamed(settings.model, settings.device, parsed.get(EvalSettings).streamed):
-        session = open_streamed_session(settings)
-        result = evaluate_streamed(session)
-    else:
-        session = workflow.open_session(settings, compact=settings.device == "cpu")
-        result = workflow.evaluate(session, session.model)
+    session = open_session_for(settings, parsed.get(EvalSettings).streamed, compact=settings.device == "cpu")
+    result = workflow.evaluate(session, session.model)
     result.update({"model": session.loaded.source, "seqlen": settings.seqlen, "data": session.data_summary()})
     present.perplexity(result, settings.seqlen)
     if output.json:

@@ -11,16 +11,18 @@ from ..io import atomic_write_text, check_output_path
 from ..models.model_dir import save_model_dir
 from ..training.trainer import TrainConfig
 from ..workflow.activations import run_activations_over_seeds
+from ..workflow.jobs import open_session_for
 from ..workflow.law import run_law
 from ..workflow.neurons import NeuronOptions, check_seeds, run_neurons
 from ..workflow.session import RunSettings
-from ..workflow.settings import ActivationSettings, LawSettings, OutputSettings, SeedSettings
+from ..workflow.settings import ActivationSettings, EvalSettings, LawSettings, OutputSettings, SeedSettings
 from . import present
 from .parser import Command, Group, Parsed
 
 DATA = "model and data"
 STUDY_DATA = Group(RunSettings, DATA, exclude=("scope", "offload_dir"))
 SPREAD = Group(SeedSettings, "spread over calibration draws")
+STREAMED = Group(EvalSettings, "memory")
 
 
 def run_neurons_command(parsed: Parsed) -> int:
@@ -30,7 +32,7 @@ def run_neurons_command(parsed: Parsed) -> int:
     seeds = parsed.get(SeedSettings).of(settings.seed)
     check_seeds(options, seeds)
     check_output_path(output.out, output.overwrite)
-    session = workflow.open_session(settings)
+    session = open_session_for(settings, parsed.get(EvalSettings).streamed)
     options.blocks(len(session.layout.blocks))  # a bad --layers fails before any work
     present.neurons(run_neurons(session, output.out, options, overwrite=output.overwrite,
                                 seeds=seeds), output.out)
@@ -43,7 +45,7 @@ def run_activations_command(parsed: Parsed) -> int:
         check_output_path(output.json, overwrite=True)
     if output.out:
         check_output_path(output.out, output.overwrite)
-    session = workflow.open_session(settings)
+    session = open_session_for(settings, parsed.get(EvalSettings).streamed)
     result = run_activations_over_seeds(session, parsed.get(SeedSettings).of(settings.seed), chosen.ppl_increase,
                                         chosen.max_tokens, install=bool(output.out), baselines=chosen.baselines)
     present.activations(result, chosen.ppl_increase)
@@ -74,11 +76,11 @@ def run_law_command(parsed: Parsed) -> int:
 COMMANDS = [
     Command("neurons", "neuron entanglement: Wasserstein distance of every FFN neuron to a Gaussian, mapping "
                        "difficulty, ablation, disentanglement", (
-        Group(NeuronOptions, "neurons"), STUDY_DATA, SPREAD,
+        Group(NeuronOptions, "neurons"), STUDY_DATA, SPREAD, STREAMED,
         Group(OutputSettings, "output", only=("out", "overwrite"), required=("out",))), run_neurons_command),
     Command("activations", "activation sparsity: per-layer CETT thresholds and the PPL-p% activation ratio "
                            "(Sparsing Law)", (
-        Group(ActivationSettings, "activation sparsity"), STUDY_DATA, SPREAD,
+        Group(ActivationSettings, "activation sparsity"), STUDY_DATA, SPREAD, STREAMED,
         Group(OutputSettings, "output", only=("out", "overwrite", "format", "json"))), run_activations_command),
     Command("law", "Sparsing Law at small scale: train ReLU and SiLU models, activation ratio against tokens seen, "
                    "the paper's fits, a width-to-depth sweep (resumable: run again with the same options)", (

@@ -94,6 +94,9 @@ class StreamedBlocks:
             raise UsageError(f"the checkpoint has no tensor {prefix}{missing[0]}; it cannot be streamed")
         block.load_state_dict(state, strict=False, assign=True)
 
+    block_onload = onload  # fills any block of this structure (a copy's too)
+    custom_blocks = False  # a plain checkpoint: its blocks are the model's own layers
+
     @staticmethod
     def offload(index: int, block: nn.Module) -> None:
         block.to("meta")
@@ -167,6 +170,23 @@ class StreamedStateDict:
             compact_layers(self.model, list(state))  # as whole-model loading does, file by file
         del state
         release_memory()  # the decoded dense stacks, handed back to the system before the block runs
+
+    @property
+    def custom_blocks(self) -> bool:
+        """Whether the blocks hold this tool's layers (experts, thresholds), rebuilt into `model` at their turn."""
+        prefix = self.layout.blocks_path + "."
+        return any(name.startswith(prefix) for name in self.layers)
+
+    def block_onload(self, index: int, block: nn.Module) -> None:
+        """Block i's tensors into `block`, another module of the blocks' structure (a copy of the model's block);
+        only for blocks without custom layers, which are rebuilt into the model itself."""
+        if self.custom_blocks:
+            raise UsageError(f"{self.path} holds expanded or thresholded layers: its blocks are read into the model "
+                             "itself only (load it whole, without streaming)")
+        prefix = f"{self.layout.blocks_path}.{index}."
+        state = {name[len(prefix):]: t for name, t in self._read(lambda name: name.startswith(prefix)).items()}
+        block.load_state_dict(state, strict=True, assign=True)
+        block.to(self.dtype)
 
     @staticmethod
     def offload(index: int, block: nn.Module) -> None:

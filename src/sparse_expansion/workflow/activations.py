@@ -17,6 +17,7 @@ from ..activation.thresholds import (
     top_k_rule,
 )
 from ..evaluation import spread
+from ..settings import SettingError
 from .jobs import evaluate
 from .session import Session
 
@@ -31,8 +32,9 @@ def run_activations(session: Session, increase: float = 0.01, max_tokens: int = 
     model's down projections become `ThresholdedLinear` layers with the chosen thresholds (for saving).
     `increase` and `max_tokens` come checked from ActivationSettings (workflow/settings.py)."""
     s = session.settings
+    _check_install(session, install)
     activations = collect_intermediate(session.model, session.layout, session.calibration(), max_tokens, s.seed,
-                                       s.device, s.batch_size, progress=not s.quiet)
+                                       s.device, s.batch_size, progress=not s.quiet, streamed=session.loaded.streamed)
     dense = evaluate(session, session.model, desc="dense")
     cache: dict[float, tuple[dict, dict, float]] = {}
 
@@ -52,12 +54,19 @@ def run_activations(session: Session, increase: float = 0.01, max_tokens: int = 
         install_thresholds(session.model, neuron_thresholds(activations, thresholds), ratios)
     return {"curves": curves, "at_cett_ratio": at_cett, "model": session.loaded.source,
             "settings": session.settings.describe(), "data": session.data_summary(),
-            "ppl_increase": increase, "dense_ppl": dense["ppl"], "sparse_ppl": ppl, "ppl_ratio": ppl / dense["ppl"],
+            "streamed": session.loaded.streamed is not None, "ppl_increase": increase, "dense_ppl": dense["ppl"],
+            "sparse_ppl": ppl, "ppl_ratio": ppl / dense["ppl"],
             "activation_ratio": best.activation_ratio, "sparsity": 1 - best.activation_ratio, "cett": best.cett,
             "eval_tokens": dense["eval_tokens"], "threshold_tokens_per_layer": max_tokens,
             "layers": [{"layer": path, "threshold": thresholds[path], "activation_ratio": ratios.get(path)}
                        for path in thresholds],
             "search": [vars(step) for step in steps]}
+
+
+def _check_install(session: Session, install: bool) -> None:
+    if install and session.loaded.streamed is not None:
+        raise SettingError("out", "a model with thresholds is saved from a model held whole: write {out} without "
+                                  "streaming (block by block, the study's figures go to {json})")
 
 
 def at_ratio(session: Session, activations, ratio: float, sample: torch.Tensor) -> dict[str, dict]:
@@ -114,6 +123,7 @@ def run_activations_over_seeds(session: Session, seeds: list[int], increase: flo
     windows the same). The result is the first seed's (its thresholds are the ones installed) with `over_seeds`:
     the spread of activation ratio, perplexity ratio and CETT, and with `baselines` top-k's and FAT-epsilon's
     perplexity at CETT's activation ratio paired by seed against CETT's (ratio < 1: the baseline is better)."""
+    _check_install(session, install)  # before the other seeds' runs
     runs = {}
     for seed in seeds[1:] + seeds[:1]:  # the first seed last: installing its thresholds changes the model
         session.use_seed(seed)

@@ -8,13 +8,13 @@ appears here, in the CLI and in the manifest without edits to this file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +44,7 @@ from .jobs import (
 from .report import compare_figure, environment, markdown_report, windows_digest
 from .session import RunSettings, Session, open_session
 from .settings import CompareSettings, EvalSettings, OutputSettings, SeedSettings
-from .streamed import build_streamed, copy_blocks_from, meta_copy, store_loader, streamed_costs
+from .streamed import build_streamed, meta_copy, scratch_store, source_onload, store_loader, streamed_costs
 
 EXPANSION = "sparse-expansion"
 
@@ -170,14 +170,6 @@ def _row(session: Session, t: Technique, spec, k, options: PruneOptions, model, 
     return row
 
 
-def _scratch_dir(session: Session) -> Path:
-    """A temporary directory for a streamed job's blocks, the same on every rank (rank 0 creates it)."""
-    path = None
-    if distributed.is_main():
-        path = tempfile.mkdtemp(prefix="compare-job-", dir=session.settings.offload_dir)
-    return Path(distributed.gather_objects(path)[0])
-
-
 def built_bytes(session: Session, t: Technique, experts: int | None) -> int:
     """What a job's model would take whole in memory: the dense model's tensors, and for Sparse Expansion k - 1
     more copies of its FFN linears."""
@@ -227,32 +219,24 @@ def compare(session: Session, methods: list[str], specs: list[SparsitySpec], opt
             continue
         session.use_seed(seed)
         config = dataclasses.replace(expansion, seed=seed)
-        model, report, store, scratch = session.model, None, None, None
+        model, report, store = session.model, None, None
         stream = streams(session, t, k, streamed)
-        try:
+        with contextlib.ExitStack() as scratch:
             if t.apply is not None:
                 if (state is not None and t.uses_data) or stream:  # every block saved (a resumed job continues)
                     description = {"job": index, "method": t.name, "spec": spec.label, "experts": k, "seed": seed}
-                    if state is not None:
-                        store = state.job_store(index, description)
-                    else:
-                        scratch = _scratch_dir(session)
-                        store = BlockStore(scratch / "job", description, resume=None)
-                    # streamed: a copy without block tensors, each dense block copied at its turn, freed once saved
+                    store = (state.job_store(index, description) if state is not None
+                             else scratch.enter_context(scratch_store(session, description)))
+                    # streamed: a copy without block tensors, each dense block put in at its turn, freed once saved
                     model = meta_copy(session.model, session.layout) if stream else copy.deepcopy(session.model)
                     report = build_streamed(session, store, lambda m, hooks, rep: t.apply(
                         session, m, spec, options, k, config, hooks, rep),
                         t.new_report(session, spec, k, config), "dense", keep_model=not stream, model=model,
-                        onload=copy_blocks_from(session.layout.blocks) if stream else None)
+                        onload=source_onload(session) if stream else None)
                 else:
                     model = copy.deepcopy(session.model)
                     report = t.apply(session, model, spec, options, k, config)
             rows.append(_row(session, t, spec, k, options, model, report, store if stream else None))
-        finally:
-            if scratch is not None:
-                distributed.barrier()
-                if distributed.is_main():
-                    shutil.rmtree(scratch, ignore_errors=True)
         if state is not None:
             state.add_row(index, rows[-1])
         del model

@@ -18,7 +18,7 @@ from ..models import discover
 from ..models.loading import weight_bytes_on_load
 from ..pruning import PruneOptions, PruneReport, SparsitySpec, get_method, prune_model
 from ..runtime import free_bytes, resolve_device
-from .session import Session
+from .session import Session, open_session, open_streamed_session
 from .settings import WHOLE_MODEL_SHARE
 
 SCORE_CHUNK_ELEMENTS = 1 << 24  # neuron outputs scored at a time (tokens x neurons): bounds the memory
@@ -102,6 +102,14 @@ def choose_streamed(model: str | None, device: str, forced: bool) -> bool:
     return needed is not None and too_big_to_hold(needed, device)
 
 
+def open_session_for(settings, streamed: bool, compact: bool = False) -> Session:
+    """A command's session: with the model's blocks left on disk, read at their turn, when `choose_streamed` says
+    so (asked for, or the weights would not fit), else the model loaded whole (`compact`: see open_session)."""
+    if choose_streamed(settings.model, settings.device, streamed):
+        return open_streamed_session(settings)
+    return open_session(settings, compact=compact)
+
+
 def too_big_to_hold(needed: int, device: str) -> bool:
     """The rule for evaluating block by block: a whole model of `needed` bytes would take more than
     WHOLE_MODEL_SHARE of the free memory of `device`."""
@@ -141,7 +149,11 @@ def _result(result, session: Session) -> dict:
 
 
 def evaluate(session: Session, model, desc: str = "perplexity") -> dict:
-    """Perplexity on the session's test windows; the result says how many tokens were scored."""
+    """Perplexity on the session's test windows; the result says how many tokens were scored. The session's own
+    model, when its blocks wait on disk (a streamed session), is evaluated block by block (`evaluate_streamed`),
+    with whatever hooks the caller put on its modules."""
+    if model is session.model and session.loaded.streamed is not None:
+        return evaluate_streamed(session, f"{desc} (streamed)")
     s = session.settings
     windows = session.evaluation()
     device = torch.device(s.device)

@@ -25,11 +25,12 @@ from ..io import atomic_output_dir, atomic_write_text
 from ..io.model_dir import read_manifest
 from ..layers.protocol import kind_of, linear_shape
 from ..models import discover, load_model
-from ..pruning import PruneOptions, SparsitySpec, get_method, prune_model
+from ..pruning import PruneOptions, PruneReport, SparsitySpec, get_method, prune_model
 from ..runtime import release_memory
 from ..settings import AtLeast, Each, Interval, OneOf, SettingError, check_fields, floats, ints, not_empty, setting
 from .jobs import evaluate
 from .session import Session
+from .streamed import build_and_evaluate_streamed
 
 ABLATION_SPARSITIES = (0.9, 0.95, 0.99)
 SWEEP_EXPERTS = (1, 2, 4, 8, 16)
@@ -124,6 +125,9 @@ def run_neurons(session: Session, out: str, options: NeuronOptions, overwrite: b
     check_seeds(options, seeds)
     blocks = options.blocks(len(session.layout.blocks))
     if options.expanded:
+        if session.loaded.streamed is not None:
+            raise SettingError("expanded", "{expanded} is loaded whole and compared layer by layer with the model "
+                                           "held whole: evaluate without streaming to use it")
         check_expanded_matches(session.model, options.expanded, options._manifest)
     windows = session.calibration()
     s = session.settings
@@ -141,10 +145,11 @@ def run_neurons(session: Session, out: str, options: NeuronOptions, overwrite: b
             release_memory()
 
         analyze_neurons(session.model, session.layout, windows, blocks, on_layer, options.top_percent, options.pairs,
-                        options.seed, s.device, s.batch_size, progress=not s.quiet)
+                        options.seed, s.device, s.batch_size, progress=not s.quiet, streamed=session.loaded.streamed)
         summary = {"model": session.loaded.source, "settings": session.settings.describe(),
                    "data": session.data_summary(), "blocks": blocks, "top_percent": options.top_percent,
-                   "calib_tokens": int(windows.numel()), "layers": [_short(r) for r in rows]}
+                   "calib_tokens": int(windows.numel()), "layers": [_short(r) for r in rows],
+                   "streamed": session.loaded.streamed is not None}
         if options.plots:
             plots.summary_figure(rows, tmp / "summary.png")
         if options.ablate:
@@ -198,12 +203,22 @@ def ablation_runs(session: Session, layers: list, options: NeuronOptions) -> lis
                             "ppl": result["ppl"], "eval_tokens": result["eval_tokens"], "neurons": selected,
                             "overlap_with_wasserstein": overlap})
             continue
-        model = copy.deepcopy(session.model)
-        report = prune_model(model, discover(model), windows, method, SparsitySpec.create(sparsity=sparsity),
-                             options=PruneOptions(), device=s.device, batch_size=s.batch_size, progress=False,
-                             rows=rows)
-        result = evaluate(session, model, desc=f"{criterion} {sparsity:g}")
-        del model
+        spec = SparsitySpec.create(sparsity=sparsity)
+
+        def prune(model, hooks=None, report=None):
+            return prune_model(model, discover(model), windows, method, spec, options=PruneOptions(),
+                               device=s.device, batch_size=s.batch_size, progress=False, rows=rows, hooks=hooks,
+                               report=report)
+
+        if session.loaded.streamed is not None:  # a copy built block by block into a scratch store, evaluated there
+            report, result = build_and_evaluate_streamed(
+                session, prune, PruneReport(method="sparsegpt", spec=spec, scope="ffn"),
+                {"ablation": criterion, "sparsity": sparsity, "seed": options.seed}, f"{criterion} {sparsity:g}")
+        else:
+            model = copy.deepcopy(session.model)
+            report = prune(model)
+            result = evaluate(session, model, desc=f"{criterion} {sparsity:g}")
+            del model
         results.append({"variant": "sparsegpt-rows", "criterion": criterion, "sparsity": sparsity,
                         "ppl": result["ppl"], "eval_tokens": result["eval_tokens"], "neurons": selected,
                         "measured_row_sparsity": report.overall_sparsity(), "overlap_with_wasserstein": overlap})
@@ -228,7 +243,8 @@ def ablation_over_seeds(session: Session, blocks: list[int], options: NeuronOpti
             release_memory()
 
         analyze_neurons(session.model, session.layout, session.calibration(), blocks, keep, seeded.top_percent,
-                        seeded.pairs, seed, s.device, s.batch_size, progress=not s.quiet)
+                        seeded.pairs, seed, s.device, s.batch_size, progress=not s.quiet,
+                        streamed=session.loaded.streamed)
         runs[seed] = ablation_runs(session, measured, seeded)
     session.use_seed(seeds[0])
     result = ablation_spread(runs, seeds)

@@ -151,9 +151,9 @@ WHOLE_MODEL_SHARE = 0.6
 
 @dataclass(frozen=True)
 class EvalSettings:
-    streamed: bool = setting(False, "evaluate with one decoder block in memory, read from disk at its turn (chosen "
-                                    f"automatically when the model's weights exceed {WHOLE_MODEL_SHARE:.0%} of the "
-                                    "device's free memory)")
+    streamed: bool = setting(False, "hold one decoder block in memory, read from disk at its turn, in evaluation "
+                                    "and in the calibration walks (chosen automatically when the model's weights "
+                                    f"exceed {WHOLE_MODEL_SHARE:.0%} of the device's free memory)")
 
     def __post_init__(self):
         check_fields(self)

@@ -13,8 +13,12 @@ Under torch.distributed every rank computes, rank 0 writes, and every rank resto
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ from ..models import discover
 from ..models.costs import block_ffn_costs, sum_block_costs
 from ..models.model_dir import describe_layers, rebuild_layers, save_config
 from ..models.streaming import free_block
+from .jobs import evaluate_streamed
 from .session import Session
 
 # job(model, hooks, report) -> report, filled by the blocks this run builds (the restored ones are added after)
@@ -154,3 +159,40 @@ def finish_streamed(session: Session, store: BlockStore | None, out: str, manife
         store.finish(out, _rest(session), lambda directory: save_config(session.model, directory), session.tokenizer,
                      manifest, store.state["encoding"])
     distributed.barrier()
+
+
+def source_onload(session: Session) -> Callable[[int, nn.Module], None]:
+    """The engine `onload` that gives a `meta_copy` of the session's model block i of that model: copied from memory,
+    or read from disk at its turn when the session's blocks wait there (a streamed session)."""
+    streamed = session.loaded.streamed
+    if streamed is None:
+        return copy_blocks_from(session.layout.blocks)
+    return streamed.block_onload
+
+
+@contextlib.contextmanager
+def scratch_store(session: Session, description: dict) -> Iterator[BlockStore]:
+    """A block store in a temporary directory (under `offload_dir` when set), the same on every rank (rank 0
+    creates it), removed afterwards whatever happens."""
+    path = None
+    if distributed.is_main():
+        path = tempfile.mkdtemp(prefix="job-", dir=session.settings.offload_dir)
+    path = Path(distributed.gather_objects(path)[0])
+    try:
+        yield BlockStore(path / "job", description, resume=None)
+    finally:
+        distributed.barrier()
+        if distributed.is_main():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def build_and_evaluate_streamed(session: Session, job: Job, report, description: dict, desc: str) -> tuple:
+    """`job` on a copy of the session's model built block by block into a scratch store (each source block put in
+    at its turn, freed once saved), then that model evaluated from the store one block at a time: (report, the
+    evaluation's figures). Memory: one block, whether the session's model is held or streamed."""
+    with scratch_store(session, description) as store:
+        model = meta_copy(session.model, session.layout)
+        report = build_streamed(session, store, job, report, "dense", model=model, onload=source_onload(session))
+        dtype = next(p.dtype for p in model.parameters())
+        result = evaluate_streamed(session, desc, model, store_loader(model, store, dtype), free_block)
+    return report, result
