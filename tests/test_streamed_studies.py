@@ -53,8 +53,11 @@ def test_activations_streamed_gives_the_whole_models_figures(llama_dir, corpus_d
 
 
 @pytest.mark.parametrize("command", [
-    ["activations", "--ppl-increase", "0.05", "--out", "{tmp}/thresholded"],
-    ["neurons", "--out", "{tmp}/n", "--expanded", "{expanded}"],
+    ["activations", "--ppl-increase", "0.05", "--out", "{tmp}/thresholded", "--model", "{dense}"],
+    ["neurons", "--out", "{tmp}/n", "--expanded", "{expanded}", "--model", "{dense}"],
+    # an expanded directory rebuilds its layers at each block's turn: the studies' hooks would be lost
+    ["activations", "--ppl-increase", "0.05", "--json", "{tmp}/n/a.json", "--model", "{expanded}"],
+    ["neurons", "--out", "{tmp}/n", "--model", "{expanded}"],
 ])
 def test_what_needs_the_whole_model_is_refused_when_streamed(command, llama_dir, corpus_dir, tmp_path, capsys):
     expanded = tmp_path / "expanded"
@@ -62,8 +65,8 @@ def test_what_needs_the_whole_model_is_refused_when_streamed(command, llama_dir,
         assert main(["expand", "--model", str(llama_dir), "--data", str(corpus_dir), "--experts", "2",
                      "--sparsity", "0.5", "--out", str(expanded), *SMALL]) == 0
         capsys.readouterr()
-    args = [a.format(tmp=tmp_path, expanded=expanded) for a in command]
-    code = main([*args, "--model", str(llama_dir), "--data", str(corpus_dir), "--streamed", *SMALL])
+    args = [a.format(tmp=tmp_path, expanded=expanded, dense=llama_dir) for a in command]
+    code = main([*args, "--data", str(corpus_dir), "--streamed", *SMALL])
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "stream" in err and "Traceback" not in err
     assert not (tmp_path / "thresholded").exists() and not (tmp_path / "n").exists()

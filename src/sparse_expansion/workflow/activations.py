@@ -18,7 +18,7 @@ from ..activation.thresholds import (
 )
 from ..evaluation import spread
 from ..settings import SettingError
-from .jobs import evaluate
+from .jobs import check_plain_blocks, evaluate
 from .session import Session
 
 CETT_SWEEP = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -32,6 +32,7 @@ def run_activations(session: Session, increase: float = 0.01, max_tokens: int = 
     model's down projections become `ThresholdedLinear` layers with the chosen thresholds (for saving).
     `increase` and `max_tokens` come checked from ActivationSettings (workflow/settings.py)."""
     s = session.settings
+    check_plain_blocks(session, "activations")
     _check_install(session, install)
     activations = collect_intermediate(session.model, session.layout, session.calibration(), max_tokens, s.seed,
                                        s.device, s.batch_size, progress=not s.quiet, streamed=session.loaded.streamed)
@@ -123,6 +124,7 @@ def run_activations_over_seeds(session: Session, seeds: list[int], increase: flo
     windows the same). The result is the first seed's (its thresholds are the ones installed) with `over_seeds`:
     the spread of activation ratio, perplexity ratio and CETT, and with `baselines` top-k's and FAT-epsilon's
     perplexity at CETT's activation ratio paired by seed against CETT's (ratio < 1: the baseline is better)."""
+    check_plain_blocks(session, "activations")
     _check_install(session, install)  # before the other seeds' runs
     runs = {}
     for seed in seeds[1:] + seeds[:1]:  # the first seed last: installing its thresholds changes the model

@@ -18,6 +18,7 @@ from ..models import discover
 from ..models.loading import weight_bytes_on_load
 from ..pruning import PruneOptions, PruneReport, SparsitySpec, get_method, prune_model
 from ..runtime import free_bytes, resolve_device
+from ..settings import SettingError
 from .session import Session, open_session, open_streamed_session
 from .settings import WHOLE_MODEL_SHARE
 
@@ -108,6 +109,16 @@ def open_session_for(settings, streamed: bool, compact: bool = False) -> Session
     if choose_streamed(settings.model, settings.device, streamed):
         return open_streamed_session(settings)
     return open_session(settings, compact=compact)
+
+
+def check_plain_blocks(session: Session, what: str) -> None:
+    """A study that hooks the model's modules streams only blocks made of the model's own layers: an expanded or
+    thresholded directory rebuilds its layers at each block's turn, which would drop the hooks."""
+    streamed = session.loaded.streamed
+    if streamed is not None and streamed.custom_blocks:
+        raise SettingError("streamed", f"{what} block by block reads dense or pruned checkpoints; "
+                                       f"{session.loaded.source} holds expanded or thresholded layers: load it "
+                                       "whole (without {streamed})")
 
 
 def too_big_to_hold(needed: int, device: str) -> bool:

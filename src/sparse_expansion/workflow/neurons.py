@@ -28,7 +28,7 @@ from ..models import discover, load_model
 from ..pruning import PruneOptions, PruneReport, SparsitySpec, get_method, prune_model
 from ..runtime import release_memory
 from ..settings import AtLeast, Each, Interval, OneOf, SettingError, check_fields, floats, ints, not_empty, setting
-from .jobs import evaluate
+from .jobs import check_plain_blocks, evaluate
 from .session import Session
 from .streamed import build_and_evaluate_streamed
 
@@ -121,6 +121,7 @@ def run_neurons(session: Session, out: str, options: NeuronOptions, overwrite: b
     than one of `seeds` (the first is the session's), the ablation is repeated on each further calibration draw:
     the neurons measured anew there, chosen by each criterion and ablated, against the same test windows."""
     options.load_expanded()
+    check_plain_blocks(session, "neurons")
     seeds = seeds or [session.settings.seed]
     check_seeds(options, seeds)
     blocks = options.blocks(len(session.layout.blocks))
