@@ -156,20 +156,31 @@ class StreamedStateDict:
         return state
 
     def onload(self, index: int, block: nn.Module) -> None:
+        """Block i's layers rebuilt and filled one module at a time: each module's tensors decoded, assigned and (with
+        `compact`) compacted before the next is decoded, so an expanded block never holds all its dense expert
+        stacks at once (one stack at most, beside the block's compact form)."""
         prefix = f"{self.layout.blocks_path}.{index}."
         rebuild_layers(self.model, {k: v for k, v in self.layers.items() if k.startswith(prefix)}, self.dtype)
-        state = self._read(lambda name: name.startswith(prefix))
-        result = self.model.load_state_dict(state, strict=False, assign=True)
-        if result.unexpected_keys:
-            raise UsageError(f"{self.path}: tensors the model does not have ({result.unexpected_keys[0]})")
+        modules: dict[str, set[str]] = {}
+        for names in self.files.values():
+            for name in names:
+                if name.startswith(prefix):
+                    modules.setdefault(name.rsplit(".", 1)[0], set()).add(name)
+        compact = self.compact and self.dtype == torch.float32
+        for names in modules.values():
+            state = self._read(names.__contains__)
+            result = self.model.load_state_dict(state, strict=False, assign=True)
+            if result.unexpected_keys:
+                raise UsageError(f"{self.path}: tensors the model does not have ({result.unexpected_keys[0]})")
+            if compact:
+                self.model.get_submodule(next(iter(names)).rsplit(".", 1)[0]).to(self.dtype)
+                compact_layers(self.model, list(state))  # as whole-model loading does
+            del state
+            release_memory()  # the decoded dense stack, handed back to the system before the next is decoded
         missing = meta_tensors(block)
         if missing:
             raise UsageError(f"{self.path} lacks tensors of the model: {prefix}{missing[0]}")
         block.to(self.dtype)
-        if self.compact and self.dtype == torch.float32:
-            compact_layers(self.model, list(state))  # as whole-model loading does, file by file
-        del state
-        release_memory()  # the decoded dense stacks, handed back to the system before the block runs
 
     @property
     def custom_blocks(self) -> bool:
