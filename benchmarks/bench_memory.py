@@ -13,6 +13,9 @@ If the peak follows one block, `deep` peaks where `embedded` does although it is
     python benchmarks/bench_memory.py --models embedded --jobs expand,eval --out docs/bench_memory_eval.json
     python benchmarks/bench_memory.py --models llama-7b --blocks 2 --jobs expand --dtype bfloat16 \\
         --calib 16x256 --out docs/bench_memory_llama7b.json
+    # streamed evaluation of the Llama-7B-shaped model expanded x16 (experts pruned by Wanda, in minutes)
+    python benchmarks/bench_memory.py --models llama-7b --blocks 2 --jobs expand,eval --eval-variants streamed \\
+        --expert-method wanda --calib 16x256 --eval-samples 8 --out docs/study/streamed/llama7b_x16_streamed.json
 """
 
 from __future__ import annotations
@@ -109,20 +112,32 @@ def _random_model(kind: str, directory: Path, blocks: int, dtype: str) -> Path:
     return path
 
 
+EVAL_VARIANTS = ("compact", "dense-experts", "streamed")
+
+
 def _eval_rows(kind: str, expanded: Path, args) -> list[dict]:
-    """Perplexity of the expanded model, its experts held as CSR copies (what `eval` does) and as dense stacks."""
+    """Perplexity of the expanded model, whole with its experts held as CSR copies (what `eval` does) or as dense
+    stacks, or streamed (one block in memory, `eval --streamed`), as `--eval-variants` lists."""
     rows = []
-    for variant in ("compact", "dense-experts"):
+    for variant in args.eval_variants.split(","):
+        if variant not in EVAL_VARIANTS:
+            raise SystemExit(f"unknown eval variant {variant!r}: choose from {', '.join(EVAL_VARIANTS)}")
         command = ["eval", "--model", str(expanded), "--seqlen", "256", "--eval-samples", str(args.eval_samples),
-                   "--dtype", args.dtype, "--quiet"]
+                   "--dtype", args.dtype, "--quiet", *_threads(args)]
+        command += ["--streamed"] if variant == "streamed" else []
         result = _child((["--dense-experts"] if variant == "dense-experts" else []) + command)
         rows.append({"model": kind, "job": f"eval ({variant})", "command": "sparse-expansion " + " ".join(command),
-                     "peak_rss_bytes": result["peak_rss_bytes"], "seconds": result["seconds"],
-                     "stdout": result["stdout"]})
+                     "peak_rss_bytes": result["peak_rss_bytes"], "walk_peak_rss_bytes": result["walk_peak_rss_bytes"],
+                     "seconds": result["seconds"], "stdout": result["stdout"],
+                     "model_file_bytes": _bytes(expanded)})
         print(f"{kind} eval, experts {variant}: peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB; "
               f"{result['stdout'][-1]}; {result['seconds']:.0f} s", flush=True)
     shutil.rmtree(expanded, ignore_errors=True)
     return rows
+
+
+def _threads(args) -> list[str]:
+    return ["--threads", str(args.threads)] if args.threads else []
 
 
 def _bytes(path: Path) -> int:
@@ -139,6 +154,11 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--dtype", default="float32", help="weights of the random models and of the run")
     parser.add_argument("--eval-samples", type=int, default=32, help="test windows of 256 tokens for job eval")
+    parser.add_argument("--eval-variants", default="compact,dense-experts",
+                        help=f"how job eval holds the expanded model: {', '.join(EVAL_VARIANTS)} (comma-separated)")
+    parser.add_argument("--expert-method", default=None, help="how expand prunes each expert (default: SparseGPT; "
+                        "wanda builds a large shape in minutes, and evaluation's memory and time do not depend on it)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every child")
     parser.add_argument("--workdir", default=None, help="where the models and outputs go (default: a temp dir)")
     parser.add_argument("--out", default="docs/bench_memory.json")
     args = parser.parse_args()
@@ -166,6 +186,9 @@ def main() -> None:
                           "--sparsity", str(args.sparsity), "--dtype", args.dtype, "--quiet", "--out", str(out)]
                 command = (["prune", "--method", "sparsegpt", *common] if job == "prune" else
                            ["expand", "--experts", str(args.experts), *common])
+                command += _threads(args)
+                if job == "expand" and args.expert_method:
+                    command += ["--expert-method", args.expert_method]
                 result = _child(command)
                 manifest = json.loads((out / "manifest.json").read_text())
                 row = {"model": kind, "job": job, "blocks": blocks, "hidden": config["hidden_size"],
