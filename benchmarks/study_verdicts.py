@@ -2,6 +2,7 @@
 
     python benchmarks/study_verdicts.py run a        # one study (a..e), resumable: run it again after a stop
     python benchmarks/study_verdicts.py run all      # every study, one after the other
+    python benchmarks/study_verdicts.py run d@3,d@4  # only these seeds of a per-seed study (c, d)
     python benchmarks/study_verdicts.py status       # finished runs of each study
     python benchmarks/study_verdicts.py derive       # docs/study/verdicts/verdicts.json and verdicts.md
 
@@ -63,7 +64,11 @@ def _compare(name: str, *args: str, out: Path = OUT) -> list[list[str]]:
 
 
 def steps(study: str) -> list[list[str]]:
-    """The commands of a study that are still to run."""
+    """The commands of a study that are still to run; `c@S` / `d@S`: only seed S's (so that two processes can share
+    a study's seeds on two cores)."""
+    study, _, only = study.partition("@")
+    if only and study not in ("c", "d"):
+        raise SystemExit(f"{study}@{only}: only the per-seed studies c and d take a seed")
     if study == "a":
         return _compare("a_equal_sparsity", "--methods", "sparsegpt,sparse-expansion",
                         "--sparsity", ",".join(map(str, SPARSITIES)), "--experts", ",".join(map(str, EXPERTS)))
@@ -74,7 +79,7 @@ def steps(study: str) -> list[list[str]]:
         return _compare("e_selective10", "--methods", "sparse-expansion", "--selective", "10", "--sparsity", "0.7",
                         "--experts", "16")
     found = []
-    for seed in range(SEEDS):
+    for seed in ([int(only)] if only else range(SEEDS)):
         if study == "c":
             path = OUT / "c_activations" / f"seed-{seed}.json"
             if not path.exists():
@@ -293,7 +298,7 @@ def study_main(doc: str, studies_help: str, run_studies, show_status, derive_all
 
 
 def main() -> None:
-    study_main(__doc__, "a, b, c, d, e, a comma list of them (in that order), or all",
+    study_main(__doc__, "a, b, c, d, e (c@S, d@S: seed S only), a comma list of them, or all",
                lambda study: run(list("abecd") if study == "all" else study.split(",")), status, derive)
 
 
