@@ -99,6 +99,8 @@ def steps(study: str) -> list[list[str]]:
 def run_commands(commands: list[list[str]]) -> None:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     for command in commands:
+        if "--resume" not in command and Path(command[-1]).exists():
+            continue  # another process finished it meanwhile (c@S, d@S)
         Path(command[-1]).parent.mkdir(parents=True, exist_ok=True)
         print("+", " ".join(command[1:]), flush=True)
         subprocess.run(command, check=True, env=env)
