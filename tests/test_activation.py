@@ -47,6 +47,19 @@ def test_threshold_search_stays_within_the_target():
     assert cett(x, w, t * 1.02) > 0.2 - 0.01
 
 
+def test_one_search_answers_many_targets_as_fresh_searches_do():
+    """The remembered grid CETTs (ThresholdSearch) give each target exactly what a search of its own gives."""
+    from sparse_expansion.activation.cett import ThresholdSearch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 48, generator=g) * torch.rand(48, generator=g)
+    w = torch.randn(24, 48, generator=g)
+    search = ThresholdSearch(x, w, candidates=512)
+    targets = (0.3, 0.01, 0.2, 0.2001, 0.05, 0.5, 0.0)
+    assert [search.threshold(t) for t in targets] == [threshold_for_cett(x, w, t, candidates=512) for t in targets]
+    assert len(search._cett) < len(targets) * 9  # 9 = log2(512) grid CETTs per fresh search: the work is shared
+
+
 def _counted_against_independent_hooks(model, activations, windows):
     """Apply the thresholds of CETT 0.2 and run the model; a second hook at every down projection counts the
     non-zero inputs it receives. Returns the counter and those independent ratios (already checked equal)."""

@@ -58,24 +58,45 @@ def cett(x: torch.Tensor, down_weight: torch.Tensor, threshold: float, norms: to
     return float((tail[keep] / full[keep]).mean())
 
 
+class ThresholdSearch:
+    """One layer's threshold search: the quantile grid of its contributions and the CETT at each grid point tried,
+    computed once and remembered, so that the searches for several targets (the PPL-p% search and its sweeps try
+    about 20 on every layer) share their work. Each answer is what a search of its own would give, bit for bit."""
+
+    def __init__(self, x: torch.Tensor, down_weight: torch.Tensor, candidates: int = CANDIDATES,
+                 labels: torch.Tensor | None = None):
+        self.x = x.reshape(-1, x.shape[-1]).float()
+        self.weight = down_weight.detach().float()
+        self.labels = labels
+        self.norms = down_column_norms(self.weight)
+        self.full = torch.linalg.vector_norm(_outputs(self.x, self.weight, labels), dim=1)
+        values = contributions(self.x, self.norms, labels).flatten()
+        if values.numel() > 1 << 24:  # quantile() has a size limit; a seeded subsample is as good for a grid
+            generator = torch.Generator().manual_seed(0)
+            values = values[torch.randint(values.numel(), (1 << 24,), generator=generator).to(values.device)]
+        self.grid = torch.quantile(values, torch.linspace(0, 1, candidates, device=values.device)).tolist()
+        self._cett: dict[int, float] = {}
+
+    def cett_at(self, index: int) -> float:
+        if index not in self._cett:
+            self._cett[index] = cett(self.x, self.weight, self.grid[index], self.norms, self.full, self.labels)
+        return self._cett[index]
+
+    def threshold(self, target: float) -> float:
+        """The largest grid threshold whose CETT is at most `target` (0 when even the smallest one exceeds it:
+        nothing is dropped)."""
+        lo, hi = -1, len(self.grid) - 1  # invariant: grid[lo] is within the target (lo = -1: none), grid[hi+1] not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.cett_at(mid) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        return 0.0 if lo < 0 else self.grid[lo]
+
+
 def threshold_for_cett(x: torch.Tensor, down_weight: torch.Tensor, target: float, candidates: int = CANDIDATES,
                        labels: torch.Tensor | None = None) -> float:
     """The largest threshold, among quantiles of the contributions, whose CETT is at most `target` (0 when even
     the smallest one exceeds it: nothing is dropped)."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    weight = down_weight.detach().float()
-    norms = down_column_norms(weight)
-    full = torch.linalg.vector_norm(_outputs(x, weight, labels), dim=1)
-    values = contributions(x, norms, labels).flatten()
-    if values.numel() > 1 << 24:  # quantile() has a size limit; a seeded subsample is as good for a grid
-        generator = torch.Generator().manual_seed(0)
-        values = values[torch.randint(values.numel(), (1 << 24,), generator=generator).to(values.device)]
-    grid = torch.quantile(values, torch.linspace(0, 1, candidates, device=values.device)).tolist()
-    lo, hi = -1, len(grid) - 1  # invariant: grid[lo] is within the target (lo = -1: none known), grid[hi+1] not
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cett(x, weight, grid[mid], norms, full, labels) <= target:
-            lo = mid
-        else:
-            hi = mid - 1
-    return 0.0 if lo < 0 else grid[lo]
+    return ThresholdSearch(x, down_weight, candidates, labels).threshold(target)

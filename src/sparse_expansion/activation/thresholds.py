@@ -15,7 +15,7 @@ from ..analysis.neurons import walk_ffn_inputs
 from ..errors import UsageError
 from ..models.discovery import ModelLayout, linear_weight
 from ..settings import SettingError
-from .cett import down_column_norms, threshold_for_cett
+from .cett import ThresholdSearch, down_column_norms
 
 
 @dataclass
@@ -25,6 +25,13 @@ class IntermediateActivations:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> (tokens, d_f)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> (d_out, d_f), or (k, d_out, d_f)
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # expert layers: each token's expert
+    searches: dict[str, ThresholdSearch] = field(default_factory=dict, repr=False)  # built at the first search
+
+    def search(self, path: str) -> ThresholdSearch:
+        if path not in self.searches:
+            self.searches[path] = ThresholdSearch(self.inputs[path], self.weights[path],
+                                                  labels=self.labels.get(path))
+        return self.searches[path]
 
 
 def collect_intermediate(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, max_tokens: int = 4096,
@@ -59,9 +66,7 @@ def collect_intermediate(model: nn.Module, layout: ModelLayout, windows: torch.T
 
 def layer_thresholds(activations: IntermediateActivations, target_cett: float) -> dict[str, float]:
     """Per layer: the contribution threshold t whose CETT is at most `target_cett`."""
-    return {path: threshold_for_cett(x, activations.weights[path], target_cett,
-                                     labels=activations.labels.get(path))
-            for path, x in activations.inputs.items()}
+    return {path: activations.search(path).threshold(target_cett) for path in activations.inputs}
 
 
 def neuron_thresholds(activations: IntermediateActivations, thresholds: dict[str, float]) -> dict[str, torch.Tensor]:
