@@ -257,7 +257,7 @@ def derive() -> dict:
             continue
         lines += [f"## {titles[key]}", ""]
         if not entries:
-            lines += ["(not run yet)", ""]
+            lines += ["(fewer than two seeds finished)", ""]
             continue
         lines += ["| comparison | seeds | ppl (mean ± 95%) | reference ppl | ratio [95% CI] | verdict |",
                   "|---|---|---|---|---|---|", *map(_line, entries), ""]
