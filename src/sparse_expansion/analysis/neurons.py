@@ -118,9 +118,8 @@ def walk_ffn_inputs(model: nn.Module, layout: ModelLayout, windows: torch.Tensor
                     progress: bool = True, desc: str = "neurons", streamed=None) -> None:
     """Run the dense model up to the last of `blocks`, calling `on_layer` for each FFN linear of `blocks`.
     `streamed`: the reader of a model whose blocks wait on disk (its `onload`/`offload` bring each in at its turn)."""
-    hooks = BlockHooks(stop_after=max(blocks))
-    if streamed is not None:
-        hooks = BlockHooks(stop_after=max(blocks), onload=streamed.onload, offload=streamed.offload)
+    hooks = BlockHooks(stop_after=max(blocks), onload=streamed and streamed.onload,
+                       offload=streamed and streamed.offload)
     engine = SequentialCalibration(model, layout, device=device, batch_size=batch_size, progress=progress, desc=desc,
                                    hooks=hooks)
     engine.run(windows, FFNInputsStep(layout, blocks, on_layer))

@@ -124,8 +124,7 @@ def run_activations_over_seeds(session: Session, seeds: list[int], increase: flo
     windows the same). The result is the first seed's (its thresholds are the ones installed) with `over_seeds`:
     the spread of activation ratio, perplexity ratio and CETT, and with `baselines` top-k's and FAT-epsilon's
     perplexity at CETT's activation ratio paired by seed against CETT's (ratio < 1: the baseline is better)."""
-    check_plain_blocks(session, "activations")
-    _check_install(session, install)  # before the other seeds' runs
+    _check_install(session, install)  # before the other seeds' runs (the first seed's, which installs, runs last)
     runs = {}
     for seed in seeds[1:] + seeds[:1]:  # the first seed last: installing its thresholds changes the model
         session.use_seed(seed)

@@ -28,7 +28,6 @@ from ..io.block_store import BlockStore, default_state_dir
 from ..io.state_dir import StateDir
 from ..layers.protocol import unique_tensor_bytes
 from ..models import discover, ffn_costs
-from ..models.streaming import free_block
 from ..pruning import METHODS, PruneOptions, PruneReport, SparsitySpec, get_method
 from ..pruning.methods import PruneSettings
 from ..settings import SettingError
@@ -36,7 +35,6 @@ from .build import fingerprint
 from .jobs import (
     calibration_warning,
     evaluate,
-    evaluate_streamed,
     expand_session_model,
     prune_session_model,
     too_big_to_hold,
@@ -44,7 +42,7 @@ from .jobs import (
 from .report import compare_figure, environment, markdown_report, windows_digest
 from .session import RunSettings, Session, open_session
 from .settings import CompareSettings, EvalSettings, OutputSettings, SeedSettings
-from .streamed import build_streamed, meta_copy, scratch_store, source_onload, store_loader, streamed_costs
+from .streamed import build_streamed, evaluate_from_store, meta_copy, scratch_store, source_onload, streamed_costs
 
 EXPANSION = "sparse-expansion"
 
@@ -164,9 +162,7 @@ def _row(session: Session, t: Technique, spec, k, options: PruneOptions, model, 
         row.update(evaluate(session, model, desc=f"ppl {t.name}"))
         return row
     row.update(streamed_costs(session, store))
-    dtype = next(p.dtype for p in model.parameters())
-    row.update(evaluate_streamed(session, f"ppl {t.name} (streamed)", model, store_loader(model, store, dtype),
-                                 free_block))
+    row.update(evaluate_from_store(session, model, store, f"ppl {t.name} (streamed)"))
     return row
 
 

@@ -193,6 +193,11 @@ def build_and_evaluate_streamed(session: Session, job: Job, report, description:
     with scratch_store(session, description) as store:
         model = meta_copy(session.model, session.layout)
         report = build_streamed(session, store, job, report, "dense", model=model, onload=source_onload(session))
-        dtype = next(p.dtype for p in model.parameters())
-        result = evaluate_streamed(session, desc, model, store_loader(model, store, dtype), free_block)
+        result = evaluate_from_store(session, model, store, desc)
     return report, result
+
+
+def evaluate_from_store(session: Session, model: nn.Module, store: BlockStore, desc: str) -> dict:
+    """`evaluate_streamed` of a model built into `store`: each block put back from there at its turn, then freed."""
+    dtype = next(p.dtype for p in model.parameters())
+    return evaluate_streamed(session, desc, model, store_loader(model, store, dtype), free_block)
