@@ -1,18 +1,21 @@
 """Issue 18's build changes judged over calibration seeds, on the embedded model and corpus: each is built at the
 settings of study (a) of benchmarks/study_verdicts.py (5 seeds, 64 windows of 256 tokens each, 32 test windows,
-one torch thread) and paired, seed by seed, with (a)'s Sparse Expansion x16 runs (the reference build).
+one torch thread) and paired, seed by seed, with a reference build: Sparse Expansion x16 with today's defaults.
 
-    python benchmarks/study_builds.py run f        # one study (f, g, h) or a comma list, resumable
+    python benchmarks/study_builds.py run r07,f07   # studies or single entries (below), a comma list, resumable
     python benchmarks/study_builds.py status
-    python benchmarks/study_builds.py derive       # docs/study/builds/builds.json and builds.md
+    python benchmarks/study_builds.py derive        # docs/study/builds/builds.json and builds.md
 
-  (f) --factorization fast (one Cholesky and a triangular inverse) at 50% and 70%: accepted when the paired 95% CI
+  (r) the reference build re-run at 50% and 70% (r05, r07) on the machine that runs the others, so that no pair
+      mixes two CPUs' rounding; paired with study (a)'s own runs it measures what moving machine alone does.
+      Where r has no run for a seed, the pair falls back to study (a) and says so.
+  (f) --factorization fast (one Cholesky and a triangular inverse), f05 and f07: accepted when the paired 95% CI
       of the perplexity ratio contains 1 and its half-width is below 3% (issue 18, item 2).
-  (g) routers fitted on a sample: --router-tokens 2048 and 4096 of the 16,384 calibration tokens, 70%.
-  (h) cluster statistics accumulated in bfloat16 (--statistic-dtype bfloat16), 70%.
+  (g) routers fitted on a sample: --router-tokens 2048 and 4096 of the 16,384 calibration tokens, 70% (g2048, g4096).
+  (h) cluster statistics accumulated in bfloat16 (--statistic-dtype bfloat16), 70% (h07).
 
-The build seconds of each run (compare's `seconds`, one thread) are paired the same way: a time ratio measured on
-the machine that ran both (check `environment` when a study was resumed elsewhere).
+The build seconds of each run (compare's `seconds`, one thread) are paired the same way; a time ratio is reported
+only for pairs measured in one rounding environment (one machine).
 """
 
 from __future__ import annotations
@@ -26,23 +29,36 @@ from study_verdicts import SEEDS, _by_seed, _compare, _environments, _pair, run_
 OUT = Path(__file__).resolve().parent.parent / "docs" / "study" / "builds"
 EXPANSION = ["--methods", "sparse-expansion", "--experts", "16"]
 STUDIES = {
-    "f": [("f_fast_factorization", (0.5, 0.7), ["--factorization", "fast"])],
-    "g": [("g_router_tokens_2048", (0.7,), ["--router-tokens", "2048"]),
-          ("g_router_tokens_4096", (0.7,), ["--router-tokens", "4096"])],
-    "h": [("h_statistics_bf16", (0.7,), ["--statistic-dtype", "bfloat16"])],
+    "r": {"r05": (0.5, []), "r07": (0.7, [])},
+    "f": {"f05": (0.5, ["--factorization", "fast"]), "f07": (0.7, ["--factorization", "fast"])},
+    "g": {"g2048": (0.7, ["--router-tokens", "2048"]), "g4096": (0.7, ["--router-tokens", "4096"])},
+    "h": {"h07": (0.7, ["--statistic-dtype", "bfloat16"])},
 }
-TITLES = {"f": "(f) fast factorization against the reference", "g": "(g) routers fitted on a sample of tokens",
+NAMES = {"r05": "r_reference_50", "r07": "r_reference_70", "f05": "f_fast_factorization_50",
+         "f07": "f_fast_factorization_70", "g2048": "g_router_tokens_2048", "g4096": "g_router_tokens_4096",
+         "h07": "h_statistics_bf16"}
+TITLES = {"r": "(r) the reference build on this machine against study (a)'s",
+          "f": "(f) fast factorization against the reference", "g": "(g) routers fitted on a sample of tokens",
           "h": "(h) cluster statistics in bfloat16"}
 # Item 2's acceptance: not distinguishable, and the interval narrower than +-3%.
 HALF_WIDTH = 0.03
 
 
-def steps(study: str) -> list[list[str]]:
-    if study not in STUDIES:
-        raise SystemExit(f"unknown study {study!r}: choose from {', '.join(STUDIES)}")
+def _entries(selection: str) -> list[str]:
+    """Entries named by a study letter (all of its entries) or by an entry's own name."""
+    if selection in STUDIES:
+        return list(STUDIES[selection])
+    if any(selection in entries for entries in STUDIES.values()):
+        return [selection]
+    known = ", ".join(f"{study} ({', '.join(entries)})" for study, entries in STUDIES.items())
+    raise SystemExit(f"unknown study {selection!r}: choose from {known}")
+
+
+def steps(selection: str) -> list[list[str]]:
     found = []
-    for name, sparsities, extra in STUDIES[study]:
-        found += _compare(name, *EXPANSION, "--sparsity", ",".join(map(str, sparsities)), *extra, out=OUT)
+    for entry in _entries(selection):
+        sparsity, extra = next(e[entry] for e in STUDIES.values() if entry in e)
+        found += _compare(NAMES[entry], *EXPANSION, "--sparsity", str(sparsity), *extra, out=OUT)
     return found
 
 
@@ -61,35 +77,70 @@ def _rows(path: Path) -> dict | None:
     return None
 
 
+def _environment(payload: dict, row: dict) -> dict:
+    return row.get("environment") or payload["environment"]
+
+
+def _reference_runs(sparsity: float, here: dict, a: dict) -> tuple[dict, dict, str]:
+    """Reference runs at a sparsity, seed by seed: study (r)'s where it ran that seed, else study (a)'s."""
+    r_name = next(NAMES[e] for e, (s, _) in STUDIES["r"].items() if abs(s - sparsity) < 1e-9)
+    r = _rows(OUT / f"{r_name}.json")
+    from_r = {} if r is None else {seed: {**row, "environment": _environment(r, row)}
+                                   for seed, row in _by_seed(r, "sparse-expansion", sparsity, 16).items()}
+    from_a = {seed: {**row, "environment": _environment(a, row)}
+              for seed, row in _by_seed(a, "sparse-expansion", sparsity, 16).items()}
+    runs = {seed: from_r.get(seed) or from_a[seed] for seed in here if seed in from_r or seed in from_a}
+    source = "r" if all(seed in from_r for seed in runs) else "a" if not from_r else "r, else a"
+    return runs, r or {}, source
+
+
+def _interval(summary: dict, digits: int) -> str:
+    """`mean [low, high]`, the mean alone for one seed."""
+    if summary["ci_low"] is None:
+        return f"{summary['mean']:.{digits}f}"
+    return f"{summary['mean']:.{digits}f} [{summary['ci_low']:.{digits}f}, {summary['ci_high']:.{digits}f}]"
+
+
 def derive() -> dict:
-    reference = _rows(VERDICTS / "a_equal_sparsity.json")
-    if reference is None:
-        raise SystemExit("study (a) of benchmarks/study_verdicts.py has no runs yet: it is the reference build")
-    found, payloads = {}, [reference]
+    a = _rows(VERDICTS / "a_equal_sparsity.json")
+    if a is None:
+        raise SystemExit("study (a) of benchmarks/study_verdicts.py has no runs yet: it is the fallback reference")
+    found, payloads = {}, [a]
     for study, entries in STUDIES.items():
         found[study] = []
-        for name, sparsities, _ in entries:
-            payload = _rows(OUT / f"{name}.json")
+        for entry, (sparsity, _) in entries.items():
+            payload = _rows(OUT / f"{NAMES[entry]}.json")
             if payload is None:
                 continue
             payloads.append(payload)
-            if payload["test_windows_sha256"] != reference["test_windows_sha256"]:
-                raise SystemExit(f"{name} was evaluated on other test windows than study (a)")
-            for s in sparsities:
-                runs, ref = _by_seed(payload, "sparse-expansion", s, 16), _by_seed(reference, "sparse-expansion", s, 16)
-                if not set(runs) & set(ref):
-                    continue
-                entry = _pair(f"{name} / reference build, x16 at {s:.0%}", runs, ref, sparsity=s,
-                              provisional=bool(payload.get("provisional") or reference.get("provisional")))
-                entry["build_seconds"] = _pair("build seconds", runs, ref, key="seconds")
-                if study == "f":
-                    entry["accepted"] = entry["verdict"].startswith("not distinguishable") and (
-                        entry["ci_high"] - entry["ci_low"]) / 2 < HALF_WIDTH
-                found[study].append(entry)
+            if payload["test_windows_sha256"] != a["test_windows_sha256"]:
+                raise SystemExit(f"{NAMES[entry]} was evaluated on other test windows than study (a)")
+            runs = {seed: {**row, "environment": _environment(payload, row)}
+                    for seed, row in _by_seed(payload, "sparse-expansion", sparsity, 16).items()}
+            if study == "r":
+                ref = {seed: {**row, "environment": _environment(a, row)}
+                       for seed, row in _by_seed(a, "sparse-expansion", sparsity, 16).items()}
+                source, label = "a", f"{NAMES[entry]} / study (a), x16 at {sparsity:.0%}"
+            else:
+                ref, _, source = _reference_runs(sparsity, runs, a)
+                label = f"{NAMES[entry]} / reference build ({source}), x16 at {sparsity:.0%}"
+            if not set(runs) & set(ref):
+                continue
+            one_machine = all(runs[seed]["environment"] == ref[seed]["environment"] for seed in set(runs) & set(ref))
+            e = _pair(label, runs, ref, sparsity=sparsity, reference_study=source, one_machine=one_machine,
+                      provisional=bool(payload.get("provisional")))
+            e["build_seconds"] = _pair("build seconds", runs, ref, key="seconds") if one_machine else None
+            if study == "f":
+                e["accepted"] = (one_machine and e["ci_low"] is not None and e["n"] >= SEEDS
+                                 and e["verdict"].startswith("not distinguishable")
+                                 and (e["ci_high"] - e["ci_low"]) / 2 < HALF_WIDTH)
+            found[study].append(e)
     environments = _environments(*payloads)
     lines = ["# Build changes over calibration seeds (benchmarks/study_builds.py derive)", "",
-             "Each ratio pairs a changed build with the reference build (study (a)'s Sparse Expansion x16) seed by "
-             "seed, on the same calibration and test windows; 95% Student-t intervals.", "",
+             "Each ratio pairs a changed build with the reference build (Sparse Expansion x16, today's defaults) seed "
+             "by seed, on the same calibration and test windows; 95% Student-t intervals. The reference is study "
+             "(r), run on the machine that ran the change; (a) marks a pair with study (a)'s runs instead. A build "
+             "time ratio is given only where both sides ran in one rounding environment.", "",
              f"Rounding environments: {len(environments)} ("
              + "; ".join(f"{e['cpu']} {e['aten_cpu_capability']}, {e['threads']} threads" for e in environments)
              + ").", ""]
@@ -104,9 +155,9 @@ def derive() -> dict:
             t = e["build_seconds"]
             note = " (provisional)" if e["provisional"] else ""
             accepted = "" if "accepted" not in e else (", accepted" if e["accepted"] else ", not accepted")
-            lines.append(f"| {e['comparison']}{note} | {e['n']} | {e['mean']:.4f} [{e['ci_low']:.4f}, "
-                         f"{e['ci_high']:.4f}] | {e['verdict']}{accepted} | {t['mean']:.3f} [{t['ci_low']:.3f}, "
-                         f"{t['ci_high']:.3f}] |")
+            time = "two machines" if t is None else _interval(t, 3)
+            lines.append(f"| {e['comparison']}{note} | {e['n']} | {_interval(e, 4)} | {e['verdict']}{accepted} | "
+                         f"{time} |")
         lines.append("")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "builds.json").write_text(json.dumps({"environments": environments, **found}, indent=2) + "\n")
@@ -117,15 +168,15 @@ def derive() -> dict:
 
 def status() -> None:
     for study, entries in STUDIES.items():
-        for name, sparsities, _ in entries:
-            payload = _rows(OUT / f"{name}.json")
+        for entry in entries:
+            payload = _rows(OUT / f"{NAMES[entry]}.json")
             count = 0 if payload is None else sum(1 for r in payload["results"] if not r.get("repeated"))
-            print(f"({study}) {name}: {count} of {SEEDS * len(sparsities)} runs"
+            print(f"({study}) {entry} {NAMES[entry]}: {count} of {SEEDS} runs"
                   + ("" if payload is None or payload.get("provisional") else " (finished)"))
 
 
 def main() -> None:
-    study_main(__doc__, "f, g, h or a comma list of them",
+    study_main(__doc__, "r, f, g, h, an entry (r05, r07, f05, f07, g2048, g4096, h07) or a comma list of them",
                lambda study: run_commands([c for name in study.split(",") for c in steps(name)]), status, derive)
 
 
