@@ -125,7 +125,13 @@ def main() -> None:
                                (f"{args.ranks} ranks", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                        "--nproc_per_node", str(args.ranks)])):
             path = os.path.join(tmp, "run.json")
-            subprocess.run([*launcher, __file__, *forwarded, "--worker-out", path], check=True, env=env)
+            code = subprocess.run([*launcher, __file__, *forwarded, "--worker-out", path], env=env).returncode
+            if code:  # keep what finished (an hour of one-process build at 7B shape), say what failed
+                print(f"{name}: failed with exit status {code} (a negative status is the signal, -9: killed, "
+                      "e.g. out of memory)", file=sys.stderr, flush=True)
+                write_results(args.out, [{"run": n, **r} for n, r in runs.items()] + [{"run": name, "failed": code}],
+                              settings=vars(args) | {"worker_out": None}, summary=None)
+                raise SystemExit(1)
             with open(path) as handle:
                 runs[name] = json.load(handle)
             ranks = runs[name]["ranks"]

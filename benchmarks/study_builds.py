@@ -131,9 +131,9 @@ def derive() -> dict:
                       provisional=bool(payload.get("provisional")))
             e["build_seconds"] = _pair("build seconds", runs, ref, key="seconds") if one_machine else None
             if study == "f":
-                e["accepted"] = (one_machine and e["ci_low"] is not None and e["n"] >= SEEDS
-                                 and e["verdict"].startswith("not distinguishable")
-                                 and (e["ci_high"] - e["ci_low"]) / 2 < HALF_WIDTH)
+                e["accepted"] = bool(one_machine and e["ci_low"] is not None and e["n"] >= SEEDS
+                                     and e["verdict"].startswith("not distinguishable")
+                                     and (e["ci_high"] - e["ci_low"]) / 2 < HALF_WIDTH)
             found[study].append(e)
     environments = _environments(*payloads)
     lines = ["# Build changes over calibration seeds (benchmarks/study_builds.py derive)", "",
