@@ -77,21 +77,22 @@ def _rows(path: Path) -> dict | None:
     return None
 
 
-def _environment(payload: dict, row: dict) -> dict:
-    return row.get("environment") or payload["environment"]
+def _runs(payload: dict | None, sparsity: float) -> dict:
+    """A study's x16 runs at a sparsity by seed, each carrying its rounding environment (rows from before compare
+    recorded one per row take the study's)."""
+    if payload is None:
+        return {}
+    return {seed: {**row, "environment": row.get("environment") or payload["environment"]}
+            for seed, row in _by_seed(payload, "sparse-expansion", sparsity, 16).items()}
 
 
-def _reference_runs(sparsity: float, here: dict, a: dict) -> tuple[dict, dict, str]:
+def _reference_runs(sparsity: float, here: dict, a: dict) -> tuple[dict, str]:
     """Reference runs at a sparsity, seed by seed: study (r)'s where it ran that seed, else study (a)'s."""
     r_name = next(NAMES[e] for e, (s, _) in STUDIES["r"].items() if abs(s - sparsity) < 1e-9)
-    r = _rows(OUT / f"{r_name}.json")
-    from_r = {} if r is None else {seed: {**row, "environment": _environment(r, row)}
-                                   for seed, row in _by_seed(r, "sparse-expansion", sparsity, 16).items()}
-    from_a = {seed: {**row, "environment": _environment(a, row)}
-              for seed, row in _by_seed(a, "sparse-expansion", sparsity, 16).items()}
+    from_r, from_a = _runs(_rows(OUT / f"{r_name}.json"), sparsity), _runs(a, sparsity)
     runs = {seed: from_r.get(seed) or from_a[seed] for seed in here if seed in from_r or seed in from_a}
     source = "r" if all(seed in from_r for seed in runs) else "a" if not from_r else "r, else a"
-    return runs, r or {}, source
+    return runs, source
 
 
 def _interval(summary: dict, digits: int) -> str:
@@ -115,14 +116,12 @@ def derive() -> dict:
             payloads.append(payload)
             if payload["test_windows_sha256"] != a["test_windows_sha256"]:
                 raise SystemExit(f"{NAMES[entry]} was evaluated on other test windows than study (a)")
-            runs = {seed: {**row, "environment": _environment(payload, row)}
-                    for seed, row in _by_seed(payload, "sparse-expansion", sparsity, 16).items()}
+            runs = _runs(payload, sparsity)
             if study == "r":
-                ref = {seed: {**row, "environment": _environment(a, row)}
-                       for seed, row in _by_seed(a, "sparse-expansion", sparsity, 16).items()}
-                source, label = "a", f"{NAMES[entry]} / study (a), x16 at {sparsity:.0%}"
+                ref, source = _runs(a, sparsity), "a"
+                label = f"{NAMES[entry]} / study (a), x16 at {sparsity:.0%}"
             else:
-                ref, _, source = _reference_runs(sparsity, runs, a)
+                ref, source = _reference_runs(sparsity, runs, a)
                 label = f"{NAMES[entry]} / reference build ({source}), x16 at {sparsity:.0%}"
             if not set(runs) & set(ref):
                 continue
