@@ -3,6 +3,7 @@ settings of study (a) of benchmarks/study_verdicts.py (5 seeds, 64 windows of 25
 one torch thread) and paired, seed by seed, with a reference build: Sparse Expansion x16 with today's defaults.
 
     python benchmarks/study_builds.py run r07,f07   # studies or single entries (below), a comma list, resumable
+    python benchmarks/study_builds.py run f07@5-7   # seeds 5-7 added to an entry (their own JSON; derive adds them)
     python benchmarks/study_builds.py status
     python benchmarks/study_builds.py derive        # docs/study/builds/builds.json and builds.md
 
@@ -44,22 +45,55 @@ TITLES = {"r": "(r) the reference build on this machine against study (a)'s",
 HALF_WIDTH = 0.03
 
 
-def _entries(selection: str) -> list[str]:
-    """Entries named by a study letter (all of its entries) or by an entry's own name."""
+def _entries(selection: str) -> list[tuple[str, int, int]]:
+    """(entry, first seed, seeds) named by a study letter (all of its entries), an entry's own name (seeds 0-4), or
+    ENTRY@FIRST-LAST (more seeds of one entry, in a JSON of their own that derive adds to the entry's)."""
+    selection, _, more = selection.partition("@")
+    if more:
+        first, _, last = more.partition("-")
+        if not (first.isdigit() and last.isdigit() and SEEDS <= int(first) <= int(last)):
+            raise SystemExit(f"{selection}@{more}: give the added seeds as FIRST-LAST, from {SEEDS} on")
+        if selection in STUDIES:
+            raise SystemExit(f"{selection}@{more}: seeds are added to one entry, not to a whole study")
+    seeds = (0, SEEDS) if not more else (int(first), int(last) - int(first) + 1)
     if selection in STUDIES:
-        return list(STUDIES[selection])
+        return [(entry, *seeds) for entry in STUDIES[selection]]
     if any(selection in entries for entries in STUDIES.values()):
-        return [selection]
+        return [(selection, *seeds)]
     known = ", ".join(f"{study} ({', '.join(entries)})" for study, entries in STUDIES.items())
     raise SystemExit(f"unknown study {selection!r}: choose from {known}")
 
 
+def _file(entry: str, first: int, seeds: int) -> str:
+    return NAMES[entry] if first == 0 else f"{NAMES[entry]}.seeds-{first}-{first + seeds - 1}"
+
+
 def steps(selection: str) -> list[list[str]]:
     found = []
-    for entry in _entries(selection):
+    for entry, first, seeds in _entries(selection):
         sparsity, extra = next(e[entry] for e in STUDIES.values() if entry in e)
-        found += _compare(NAMES[entry], *EXPANSION, "--sparsity", str(sparsity), *extra, out=OUT)
+        found += _compare(_file(entry, first, seeds), *EXPANSION, "--sparsity", str(sparsity), *extra, out=OUT,
+                          first=first, seeds=seeds)
     return found
+
+
+def _entry_rows(entry: str) -> dict | None:
+    """An entry's runs: its five seeds' JSON (or state) and the seeds added to it (ENTRY@FIRST-LAST), as one."""
+    parts = [_rows(OUT / f"{NAMES[entry]}.json")]
+    added = sorted({p.name.removesuffix(".partial").removesuffix(".json")
+                    for p in OUT.glob(f"{NAMES[entry]}.seeds-*")})
+    parts += [_rows(OUT / f"{name}.json") for name in added]
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if len({p["test_windows_sha256"] for p in parts} - {None}) > 1:
+        raise SystemExit(f"{NAMES[entry]}: its added seeds were evaluated on other test windows")
+    results = [{**row, "environment": row.get("environment") or p["environment"]} for p in parts
+               for row in p["results"]]
+    seeds = [row["seed"] for row in results if not row.get("repeated")]
+    if len(seeds) != len(set(seeds)):
+        raise SystemExit(f"{NAMES[entry]}: a seed was run twice (overlapping ENTRY@FIRST-LAST files)")
+    return {**parts[0], "results": results, "provisional": any(p.get("provisional") for p in parts)}
 
 
 def _rows(path: Path) -> dict | None:
@@ -88,8 +122,8 @@ def _runs(payload: dict | None, sparsity: float) -> dict:
 
 def _reference_runs(sparsity: float, here: dict, a: dict) -> tuple[dict, str]:
     """Reference runs at a sparsity, seed by seed: study (r)'s where it ran that seed, else study (a)'s."""
-    r_name = next(NAMES[e] for e, (s, _) in STUDIES["r"].items() if abs(s - sparsity) < 1e-9)
-    from_r, from_a = _runs(_rows(OUT / f"{r_name}.json"), sparsity), _runs(a, sparsity)
+    r_name = next(e for e, (s, _) in STUDIES["r"].items() if abs(s - sparsity) < 1e-9)
+    from_r, from_a = _runs(_entry_rows(r_name), sparsity), _runs(a, sparsity)
     runs = {seed: from_r.get(seed) or from_a[seed] for seed in here if seed in from_r or seed in from_a}
     source = "r" if all(seed in from_r for seed in runs) else "a" if not from_r else "r, else a"
     return runs, source
@@ -110,7 +144,7 @@ def derive() -> dict:
     for study, entries in STUDIES.items():
         found[study] = []
         for entry, (sparsity, _) in entries.items():
-            payload = _rows(OUT / f"{NAMES[entry]}.json")
+            payload = _entry_rows(entry)
             if payload is None:
                 continue
             payloads.append(payload)
@@ -168,14 +202,15 @@ def derive() -> dict:
 def status() -> None:
     for study, entries in STUDIES.items():
         for entry in entries:
-            payload = _rows(OUT / f"{NAMES[entry]}.json")
+            payload = _entry_rows(entry)
             count = 0 if payload is None else sum(1 for r in payload["results"] if not r.get("repeated"))
-            print(f"({study}) {entry} {NAMES[entry]}: {count} of {SEEDS} runs"
+            print(f"({study}) {entry} {NAMES[entry]}: {count} runs (the study plans {SEEDS}, ENTRY@F-L adds more)"
                   + ("" if payload is None or payload.get("provisional") else " (finished)"))
 
 
 def main() -> None:
-    study_main(__doc__, "r, f, g, h, an entry (r05, r07, f05, f07, g2048, g4096, h07) or a comma list of them",
+    study_main(__doc__, "r, f, g, h, an entry (r05, r07, f05, f07, g2048, g4096, h07), ENTRY@FIRST-LAST (seeds "
+                        "added to an entry, from 5 on) or a comma list of them",
                lambda study: run_commands([c for name in study.split(",") for c in steps(name)]), status, derive)
 
 

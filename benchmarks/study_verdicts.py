@@ -54,13 +54,15 @@ def _cli() -> list[str]:
     return [str(Path(sys.executable).with_name("sparse-expansion"))]
 
 
-def _compare(name: str, *args: str, out: Path = OUT) -> list[list[str]]:
+def _compare(name: str, *args: str, out: Path = OUT, first: int = 0, seeds: int = SEEDS) -> list[list[str]]:
+    """compare over seeds first .. first + seeds - 1 into out/name.json (resumed from its state where one is)."""
     json_path = out / f"{name}.json"
     if json_path.exists():
         return []
     state = Path(str(json_path) + ".partial")
     resume = ["--resume", str(state)] if state.exists() else []
-    return [[*_cli(), "compare", *args, *CALIB, *EVAL, "--seeds", str(SEEDS), "--json", str(json_path), *resume]]
+    return [[*_cli(), "compare", *args, *CALIB, *EVAL, "--seed", str(first), "--seeds", str(seeds),
+             "--json", str(json_path), *resume]]
 
 
 def steps(study: str) -> list[list[str]]:
