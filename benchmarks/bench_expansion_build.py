@@ -44,8 +44,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--kmeans-restarts", type=int, default=1)
-    parser.add_argument("--factorization", default=None, help="SparseGPT's factorization, both builds (default: "
-                                                               "reference)")
+    parser.add_argument("--factorization", default=None, help="SparseGPT's factorization for both builds (default: "
+                                                               "each build's own, PruneOptions.factorization)")
     parser.add_argument("--router-tokens", type=int, default=None, help="fit routers on a sample of N tokens")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -97,7 +97,9 @@ def main() -> None:
         row = {"shape": args.shape, "blocks": len(session.layout.blocks), "device": args.device, "dtype": args.dtype,
                "calib_windows": windows, "seqlen": seqlen, "calib_tokens": windows * seqlen,
                "experts": args.experts, "sparsity": args.sparsity, "kmeans_restarts": args.kmeans_restarts,
-               "factorization": args.factorization or "reference", "router_tokens": args.router_tokens,
+               "factorization": {"sparsegpt": options.factorization or "reference",
+                                 "sparse_expansion": options.for_experts().factorization},
+               "router_tokens": args.router_tokens,
                "tokenize_seconds": tokenize_seconds, "sparsegpt_seconds": sparsegpt_seconds,
                "expansion_seconds": expansion_seconds, "router_seconds": report.router_seconds,
                "ratio": expansion_seconds / sparsegpt_seconds}

@@ -1,6 +1,8 @@
 """Issue 18's build changes judged over calibration seeds, on the embedded model and corpus: each is built at the
 settings of study (a) of benchmarks/study_verdicts.py (5 seeds, 64 windows of 256 tokens each, 32 test windows,
-one torch thread) and paired, seed by seed, with a reference build: Sparse Expansion x16 with today's defaults.
+one torch thread) and paired, seed by seed, with a reference build: Sparse Expansion x16 with the reference
+factorization, routers fitted on every token and fp32 statistics (the defaults when the studies began; since (f) was
+accepted the experts' default factorization is the fast one, so every entry but (f) names the reference one).
 
     python benchmarks/study_builds.py run r07,f07   # studies or single entries (below), a comma list, resumable
     python benchmarks/study_builds.py run f07@5-7   # seeds 5-7 added to an entry (their own JSON; derive adds them)
@@ -11,7 +13,8 @@ one torch thread) and paired, seed by seed, with a reference build: Sparse Expan
       mixes two CPUs' rounding; paired with study (a)'s own runs it measures what moving machine alone does.
       Where r has no run for a seed, the pair falls back to study (a) and says so.
   (f) --factorization fast (one Cholesky and a triangular inverse), f05 and f07: accepted when the paired 95% CI
-      of the perplexity ratio contains 1 and its half-width is below 3% (issue 18, item 2).
+      of the perplexity ratio contains 1 and its half-width is below 3% (issue 18, item 2). f07 was not at five
+      seeds (half-width 3.6%); seeds 5-7 were then added to it and to r07 (f07@5-7, r07@5-7), eight decided.
   (g) routers fitted on a sample: --router-tokens 2048 and 4096 of the 16,384 calibration tokens, 70% (g2048, g4096).
   (h) cluster statistics accumulated in bfloat16 (--statistic-dtype bfloat16), 70% (h07).
 
@@ -25,15 +28,18 @@ import json
 from pathlib import Path
 
 from study_verdicts import OUT as VERDICTS
-from study_verdicts import SEEDS, _by_seed, _compare, _environments, _pair, run_commands, study_main
+from study_verdicts import REFERENCE, SEEDS, _by_seed, _compare, _environments, _pair, run_commands, study_main
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "study" / "builds"
 EXPANSION = ["--methods", "sparse-expansion", "--experts", "16"]
+# The reference build is the one these studies started from: the reference factorization (REFERENCE, the experts'
+# default until study (f) was accepted, now named), every calibration token for the routers, fp32 statistics.
 STUDIES = {
-    "r": {"r05": (0.5, []), "r07": (0.7, [])},
+    "r": {"r05": (0.5, REFERENCE), "r07": (0.7, REFERENCE)},
     "f": {"f05": (0.5, ["--factorization", "fast"]), "f07": (0.7, ["--factorization", "fast"])},
-    "g": {"g2048": (0.7, ["--router-tokens", "2048"]), "g4096": (0.7, ["--router-tokens", "4096"])},
-    "h": {"h07": (0.7, ["--statistic-dtype", "bfloat16"])},
+    "g": {"g2048": (0.7, [*REFERENCE, "--router-tokens", "2048"]),
+          "g4096": (0.7, [*REFERENCE, "--router-tokens", "4096"])},
+    "h": {"h07": (0.7, [*REFERENCE, "--statistic-dtype", "bfloat16"])},
 }
 NAMES = {"r05": "r_reference_50", "r07": "r_reference_70", "f05": "f_fast_factorization_50",
          "f07": "f_fast_factorization_70", "g2048": "g_router_tokens_2048", "g4096": "g_router_tokens_4096",
@@ -170,8 +176,9 @@ def derive() -> dict:
             found[study].append(e)
     environments = _environments(*payloads)
     lines = ["# Build changes over calibration seeds (benchmarks/study_builds.py derive)", "",
-             "Each ratio pairs a changed build with the reference build (Sparse Expansion x16, today's defaults) seed "
-             "by seed, on the same calibration and test windows; 95% Student-t intervals. The reference is study "
+             "Each ratio pairs a changed build with the reference build (Sparse Expansion x16, reference "
+             "factorization, all router tokens, fp32 statistics) seed by seed, on the same calibration and test "
+             "windows; 95% Student-t intervals. The reference is study "
              "(r), run on the machine that ran the change; (a) marks a pair with study (a)'s runs instead. A build "
              "time ratio is given only where both sides ran in one rounding environment.", "",
              f"Rounding environments: {len(environments)} ("

@@ -36,6 +36,9 @@ OUT = ROOT / "docs" / "study" / "verdicts"
 SEEDS = 5
 CALIB = ["--calib-samples", "64", "--seqlen", "256", "--threads", "1", "--quiet"]
 EVAL = ["--eval-samples", "32"]
+# The factorization these studies were run with (the experts' default until issue 18's study (f) made it the fast
+# one: benchmarks/study_builds.py); named so that a re-run gives the recorded numbers.
+REFERENCE = ["--factorization", "reference"]
 SPARSITIES = (0.5, 0.7, 0.9)
 EXPERTS = (4, 16)
 # The embedded model's FFN (SmolLM2-135M: d_model 576, d_ffn 1536): a block's three FFN linears cost
@@ -72,14 +75,14 @@ def steps(study: str) -> list[list[str]]:
     if only and study not in ("c", "d"):
         raise SystemExit(f"{study}@{only}: only the per-seed studies c and d take a seed")
     if study == "a":
-        return _compare("a_equal_sparsity", "--methods", "sparsegpt,sparse-expansion",
+        return _compare("a_equal_sparsity", "--methods", "sparsegpt,sparse-expansion", *REFERENCE,
                         "--sparsity", ",".join(map(str, SPARSITIES)), "--experts", ",".join(map(str, EXPERTS)))
     if study == "b":
         iso = [iso_sparsity(s, k) for k in EXPERTS for s in SPARSITIES]
         return _compare("b_iso_flops_sparsegpt", "--methods", "sparsegpt", "--sparsity", ",".join(map(str, iso)))
     if study == "e":
-        return _compare("e_selective10", "--methods", "sparse-expansion", "--selective", "10", "--sparsity", "0.7",
-                        "--experts", "16")
+        return _compare("e_selective10", "--methods", "sparse-expansion", *REFERENCE, "--selective", "10",
+                        "--sparsity", "0.7", "--experts", "16")
     found = []
     for seed in ([int(only)] if only else range(SEEDS)):
         if study == "c":

@@ -12,7 +12,7 @@ from sparse_expansion.expansion import ExpansionConfig, ExpertLinear, expand_mod
 from sparse_expansion.expansion import build as build_module
 from sparse_expansion.expansion.fitting import _kmeans_torch
 from sparse_expansion.models import discover, linear_weight
-from sparse_expansion.pruning import METHODS, SparsitySpec, prune_model
+from sparse_expansion.pruning import METHODS, PruneOptions, SparsitySpec, prune_model
 
 
 def clustered_tokens(n=600, d=32, centres=5, seed=0):
@@ -144,13 +144,17 @@ def test_expert_linear_routes_each_token_to_one_expert():
     assert torch.allclose(layer(single).flatten(), F.linear(single.flatten(), weight[router.assign(single)[0]], bias))
 
 
-def test_one_expert_reproduces_sparsegpt():
+@pytest.mark.parametrize("factorization", ["reference", "fast", None])
+def test_one_expert_reproduces_sparsegpt(factorization):
+    """One expert is SparseGPT with the same factorization; the experts' default (None) is the fast one, while
+    SparseGPT's own default stays the authors' arithmetic."""
     windows = random_windows()
     reference = make_model("llama")
-    prune_model(reference, discover(reference), windows, METHODS["sparsegpt"], SparsitySpec(0.6), progress=False)
+    prune_model(reference, discover(reference), windows, METHODS["sparsegpt"], SparsitySpec(0.6),
+                options=PruneOptions(factorization=factorization or "fast"), progress=False)
     expanded = make_model("llama")
     expand_model(expanded, discover(expanded), windows, SparsitySpec(0.6), ExpansionConfig(experts=1),
-                 progress=False)
+                 options=PruneOptions(factorization=factorization), progress=False)
     for ref_block, exp_block in zip(reference.model.layers, expanded.model.layers):
         for name in ("gate_proj", "up_proj", "down_proj"):
             ref = getattr(ref_block.mlp, name).weight

@@ -125,12 +125,12 @@ class ExpansionReport:
 
     def describe(self, options: PruneOptions | None = None) -> dict:
         """What a manifest records of this run."""
-        options = options or PruneOptions()
+        options = (options or PruneOptions()).for_experts()
         config = self.config
         return {"method": "sparse-expansion", "sparsity": self.spec.sparsity,
                 "nm": f"{self.spec.n}:{self.spec.m}" if self.spec.is_nm else None, "scope": "ffn",
                 "bits": options.bits, "blocksize": options.blocksize, "percdamp": options.percdamp,
-                "factorization": options.factorization or "reference",
+                "factorization": options.factorization,
                 "seconds": self.seconds, "overall_sparsity": self.overall_sparsity(),
                 "experts": config.experts, "expert_method": config.method, "pca_reduction": config.pca_reduction,
                 "kmeans_restarts": config.kmeans_restarts, "kmeans_iterations": config.kmeans_iterations,
@@ -295,7 +295,7 @@ def expand_linear(module: nn.Module, inputs: torch.Tensor, spec: SparsitySpec, c
     fit = fit_group([inputs], config, method, inputs.device)
     weight = linear_weight(module).detach().to(inputs.device)
     bias = getattr(module, "bias", None)
-    experts = prune_experts(weight, fit, method, spec, options or PruneOptions())
+    experts = prune_experts(weight, fit, method, spec, (options or PruneOptions()).for_experts())
     return fit.router, experts, None if bias is None else bias.detach()
 
 
@@ -396,7 +396,7 @@ def expand_model(model: nn.Module, layout: ModelLayout, windows: torch.Tensor, s
 
     With `config.selective`, only the rows that `row_scores` ranks highest become experts (see `RowScores`).
     """
-    options = options or PruneOptions()
+    options = (options or PruneOptions()).for_experts()
     device = torch.device(device)
     ffn = layout.select("ffn")
     for lin in ffn:

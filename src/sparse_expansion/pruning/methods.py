@@ -9,7 +9,7 @@ Expansion prunes the k experts of a layer this way, each with its own cluster's 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,10 +32,16 @@ class PruneOptions:
     factorization: str | None = setting(
         None, "how SparseGPT factors each damped Hessian: reference = Cholesky, its inverse, Cholesky again (the "
         "authors' arithmetic); fast = one Cholesky and a triangular inverse, half the work, different rounding "
-        "(default: reference)", choices=tuple(FACTORIZATIONS))
+        "(default: fast for Sparse Expansion's experts, accepted over 5-8 calibration seeds at 50% and 70%, "
+        "docs/BENCHMARKS.md study (f); reference for SparseGPT itself)", choices=tuple(FACTORIZATIONS))
 
     def __post_init__(self):
         check_fields(self)
+
+    def for_experts(self) -> PruneOptions:
+        """These options as Sparse Expansion prunes its experts (and a selective layer's shared rows) with them:
+        the fast factorization unless one was asked for."""
+        return self if self.factorization else replace(self, factorization="fast")
 
 
 def magnitude_prune(weight: torch.Tensor, statistic, spec: SparsitySpec, options: PruneOptions) -> torch.Tensor:
