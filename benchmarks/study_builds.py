@@ -86,16 +86,14 @@ def steps(selection: str) -> list[list[str]]:
 def _entry_rows(entry: str) -> dict | None:
     """An entry's runs: its five seeds' JSON (or state) and the seeds added to it (ENTRY@FIRST-LAST), as one."""
     parts = [_rows(OUT / f"{NAMES[entry]}.json")]
-    added = sorted({p.name.removesuffix(".partial").removesuffix(".json")
-                    for p in OUT.glob(f"{NAMES[entry]}.seeds-*")})
-    parts += [_rows(OUT / f"{name}.json") for name in added]
+    added = sorted({p.name.removesuffix(".partial") for p in OUT.glob(f"{NAMES[entry]}.seeds-*.json*")})
+    parts += [_rows(OUT / name) for name in added]
     parts = [p for p in parts if p is not None]
     if not parts:
         return None
     if len({p["test_windows_sha256"] for p in parts} - {None}) > 1:
         raise SystemExit(f"{NAMES[entry]}: its added seeds were evaluated on other test windows")
-    results = [{**row, "environment": row.get("environment") or p["environment"]} for p in parts
-               for row in p["results"]]
+    results = [row for p in parts for row in p["results"]]
     seeds = [row["seed"] for row in results if not row.get("repeated")]
     if len(seeds) != len(set(seeds)):
         raise SystemExit(f"{NAMES[entry]}: a seed was run twice (overlapping ENTRY@FIRST-LAST files)")
@@ -103,27 +101,27 @@ def _entry_rows(entry: str) -> dict | None:
 
 
 def _rows(path: Path) -> dict | None:
-    """A finished study's JSON, else the rows its state directory holds so far (marked provisional)."""
+    """A finished study's JSON, else the rows its state directory holds so far (marked provisional); every row
+    carries its rounding environment (rows from before compare recorded one per row take the study's)."""
     if path.exists():
-        return json.loads(path.read_text())
-    rows = Path(str(path) + ".partial") / "rows.json"
-    if rows.exists():
+        payload = json.loads(path.read_text())
+    elif (rows := Path(str(path) + ".partial") / "rows.json").exists():
         found = json.loads(rows.read_text())["rows"]
         digests = {r["test_windows_sha256"] for r in found}
         # rows from before compare recorded each row's environment fall back to the first recorded one
         environment = next((r["environment"] for r in found if "environment" in r), None)
-        return {"results": found, "provisional": True, "test_windows_sha256": next(iter(digests), None),
-                "environment": environment}
-    return None
+        payload = {"results": found, "provisional": True, "test_windows_sha256": next(iter(digests), None),
+                   "environment": environment}
+    else:
+        return None
+    payload["results"] = [{**row, "environment": row.get("environment") or payload["environment"]}
+                          for row in payload["results"]]
+    return payload
 
 
 def _runs(payload: dict | None, sparsity: float) -> dict:
-    """A study's x16 runs at a sparsity by seed, each carrying its rounding environment (rows from before compare
-    recorded one per row take the study's)."""
-    if payload is None:
-        return {}
-    return {seed: {**row, "environment": row.get("environment") or payload["environment"]}
-            for seed, row in _by_seed(payload, "sparse-expansion", sparsity, 16).items()}
+    """A study's x16 runs at a sparsity, by seed."""
+    return {} if payload is None else _by_seed(payload, "sparse-expansion", sparsity, 16)
 
 
 def _reference_runs(sparsity: float, here: dict, a: dict) -> tuple[dict, str]:
