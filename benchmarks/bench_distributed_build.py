@@ -1,7 +1,7 @@
 """Sparse Expansion built by one process against `torchrun --nproc_per_node N` (experts divided across the ranks).
 
-Back to back on the same calibration windows: the build alone (`--threads` threads), then under torchrun with N
-ranks of `--threads` threads each (gloo on the CPU, or nccl with `--device cuda`). Per rank: build seconds, the
+Back to back on the same calibration windows: under torchrun with N ranks of `--threads` threads each (gloo on
+the CPU, or nccl with `--device cuda`), then the build alone (`--threads` threads). Per rank: build seconds, the
 peak resident memory of the process, the bytes of cluster statistics it held at most (ExpansionReport), and a
 digest of the expanded model's tensors (the acceptance asks for the one-process weights). Each block is hashed
 and freed once built, as `expand --out` writes and frees it, so the peak is one block's work, not the model.
@@ -121,12 +121,13 @@ def main() -> None:
     forwarded = sys.argv[1:]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, launcher in (("alone", [sys.executable]),
-                               (f"{args.ranks} ranks", [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                       "--nproc_per_node", str(args.ranks)])):
+        # The ranks first: theirs is the run that may exhaust the host's memory (N processes on one host).
+        for name, launcher in ((f"{args.ranks} ranks", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                       "--nproc_per_node", str(args.ranks)]),
+                               ("alone", [sys.executable])):
             path = os.path.join(tmp, "run.json")
             code = subprocess.run([*launcher, __file__, *forwarded, "--worker-out", path], env=env).returncode
-            if code:  # keep what finished (an hour of one-process build at 7B shape), say what failed
+            if code:  # keep what finished (at 7B shape, an hour of build), say what failed
                 print(f"{name}: failed with exit status {code} (a negative status is the signal, -9: killed, "
                       "e.g. out of memory)", file=sys.stderr, flush=True)
                 write_results(args.out, [{"run": n, **r} for n, r in runs.items()] + [{"run": name, "failed": code}],

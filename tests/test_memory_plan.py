@@ -1,5 +1,8 @@
 """The large-model memory plan (issue 18, item 5): where cluster statistics accumulate and in what precision."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -51,6 +54,43 @@ def test_an_expansion_with_bfloat16_statistics_prunes_every_expert_and_stays_clo
         assert all(s == pytest.approx(0.5, abs=0.01) for info in report.layers.values() for s in info["sparsity"])
         results[dtype] = perplexity(model, test, progress=False).ppl
     assert results["bfloat16"] == pytest.approx(results["float32"], rel=0.05)
+
+
+def test_a_groups_statistics_go_before_the_next_group_and_the_experts_are_assembled_after_them(monkeypatch):
+    """What lets a rank hold only its own experts while it prunes: per block, every group is fitted before any
+    expert is assembled (broadcast from its owner under torchrun), and no statistic outlives its group."""
+    events, alive = [], []
+    real_fit, real_stack = build_module.fit_group, build_module.GroupFit.stack
+    real_assemble = build_module.distributed.assemble_owned
+
+    def living() -> int:
+        gc.collect()
+        return sum(ref() is not None for ref in alive)
+
+    def fit_group(*args, **kwargs):
+        events.append(("fit", living()))
+        fit = real_fit(*args, **kwargs)
+        alive.extend(weakref.ref(statistic) for statistic in fit.clusters)
+        return fit
+
+    def stack(self, start, end, keep=True):
+        stacked = real_stack(self, start, end, keep)
+        alive.append(weakref.ref(stacked))
+        return stacked
+
+    def assemble(local, count):
+        events.append(("assemble", living()))
+        return real_assemble(local, count)
+
+    monkeypatch.setattr(build_module, "fit_group", fit_group)
+    monkeypatch.setattr(build_module.GroupFit, "stack", stack)
+    monkeypatch.setattr(build_module.distributed, "assemble_owned", assemble)
+    model = make_model("llama")
+    layout = discover(model)
+    expand_model(model, layout, random_windows(8, 32), SparsitySpec(0.5),
+                 ExpansionConfig(experts=2, pca_reduction=8, min_cluster_tokens=1), progress=False)
+    per_block = [("fit", 0), ("fit", 0), ("assemble", 0), ("assemble", 0), ("assemble", 0)]  # gate+up, down
+    assert events == per_block * len(layout.blocks)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,8 +9,9 @@ For each block (on the dense block's calibration inputs):
    experts of a layer in one batched pass);
    under torch.distributed the experts are divided among the ranks (divided.py): the router is fitted once
    and broadcast, each cluster's tokens go to the rank that owns its expert, which accumulates its statistic
-   in the one-process order and prunes it, and each expert is then broadcast from its owner (selective
-   expansion, which scores rows on all the inputs, gathers every rank's tokens instead);
+   in the one-process order and prunes it, and once the block's statistics are gone each expert is broadcast
+   from its owner (selective expansion, which scores rows on all the inputs, gathers every rank's tokens
+   instead);
 4. replace each FFN linear with an `ExpertLinear` and attach the routers to the block.
 With `selective` (a fraction p of rows), only the top p of each linear's output rows, by a score the caller
 supplies (`row_scores`), become expert rows (a (k, rows, in) stack pruned as above); the other rows are
@@ -183,9 +184,9 @@ class GroupFit:
         """Experts start..end-1's statistics as one batched statistic. `keep`: for the next linear that reads
         the same input (its factorization is cached on it); else the clusters' own copies are dropped."""
         key = (start, end)  # positions in `clusters`
-        if key in self._stacks:
-            return self._stacks[key]
-        stacked = self.stack_of.stack(self.clusters[start:end])
+        stacked = self._stacks.pop(key, None)  # the last linear to read it lets it go once pruned
+        if stacked is None:
+            stacked = self.stack_of.stack(self.clusters[start:end])
         if keep:
             self._stacks[key] = stacked
         else:
@@ -314,6 +315,7 @@ class ExpandStep(Step):
         self.method, self.device, self.report = method, device, report
         self.row_scores = row_scores
         self.groups = layout.input_groups("ffn")
+        self.groups_of = {name: group for group, names in self.groups.items() for name in names}
 
     def observe(self, index: int, block: nn.Module) -> dict[str, Watch]:
         # Under torch.distributed a divided fit exchanges only what each rank's experts need; the selective
@@ -326,6 +328,7 @@ class ExpandStep(Step):
         selective = config.selective is not None
         routers = nn.ModuleDict()
         prefix = f"{self.layout.blocks_path}.{index}"
+        owned = {}  # linear name -> its router, this rank's pruned experts (all of them in one process), bias
         for group, names in self.groups.items():
             batches = statistics[group].batches
             inputs = torch.cat(batches).to(self.device) if selective else None  # what the row scores read
@@ -333,8 +336,8 @@ class ExpandStep(Step):
             fit = fit_group(batches, config, self.method, self.device, whole=selective, in_features=in_features)
             report.router_seconds += fit.router_seconds
             report.statistic_bytes = max(report.statistic_bytes, statistic_bytes(fit))
-            router, whole, sizes, small = fit.router, fit.whole, fit.sizes, fit.small
-            report.routers[f"{prefix}.{ROUTERS_ATTR}.{group}"] = {"tokens_per_expert": sizes,
+            router = fit.router
+            report.routers[f"{prefix}.{ROUTERS_ATTR}.{group}"] = {"tokens_per_expert": fit.sizes,
                                                                    "components": router.components}
             for name in names:
                 keep = name != names[-1]  # another linear reads this input: keep its batched statistics
@@ -343,28 +346,38 @@ class ExpandStep(Step):
                 weight = linear_weight(module).detach().to(self.device)
                 bias = module.bias.detach().clone() if getattr(module, "bias", None) is not None else None
                 if selective:
-                    layer = self._selective_layer(path, router, weight, bias, inputs, fit, whole, keep)
+                    layer = self._selective_layer(path, router, weight, bias, inputs, fit, fit.whole, keep)
                     shared_zeros = int((layer.shared_weight == 0).sum())
                     zeros = [shared_zeros + z for z in (layer.expert_weight == 0).flatten(1).sum(1).tolist()]
-                    extra = {"selected_rows": layer.selected_features}
-                else:
-                    # This rank's experts (all of them in one process), then every expert from its owner.
-                    experts = distributed.assemble_owned(self._prune_experts(weight, fit, keep), config.experts)
-                    layer = ExpertLinear(router, experts, bias)
-                    zeros = (layer.weight == 0).flatten(1).sum(1).tolist()
-                    extra = {}
-                block.set_submodule(name, layer)
-                report.layers[path] = {"shape": list(weight.shape), "numel": weight.numel(), "router": group,
-                                       "zeros": zeros, "sparsity": [z / weight.numel() for z in zeros],
-                                       "fallback_experts": small, **extra}
-            routers[group] = router
-            if self.device.type != "cpu":
-                # The group's finished experts wait on the host while the block's next group is fitted and
+                    self._record(path, weight, group, fit.small, zeros, selected_rows=layer.selected_features)
+                    block.set_submodule(name, layer)
+                    continue
+                # On a GPU the finished experts wait on the host while the block's next group is fitted and
                 # pruned (a Llama-2-70B gate and up: 15 GB in fp16 next to the down projection's work).
+                experts = self._prune_experts(weight, fit, keep)
+                owned[name] = (router, experts if self.device.type == "cpu" else experts.cpu(), bias, fit.small)
+            del fit, inputs  # the group's statistics (and what the row scores read) go before the next group's
+            routers[group] = router
+            if selective and self.device.type != "cpu":  # as the experts above: they wait on the host
                 for name in names:
                     block.get_submodule(name).to("cpu")
+        # Every expert from its owner (a rank holds only its own until the block's statistics are gone: the
+        # whole expanded block is needed only to propagate through it).
+        for name, (router, experts, bias, small) in owned.items():
+            owned[name] = None
+            experts = distributed.assemble_owned(experts.to(self.device), self.config.experts)
+            layer = ExpertLinear(router, experts, bias)
+            self._record(f"{prefix}.{name}", linear_weight(block.get_submodule(name)), self.groups_of[name], small,
+                         (layer.weight == 0).flatten(1).sum(1).tolist())
+            block.set_submodule(name, layer)
         setattr(block, ROUTERS_ATTR, routers)
         block.to(self.device)  # whole again for the propagation
+
+    def _record(self, path: str, weight: torch.Tensor, group: str, small: list[int], zeros: list[int],
+                **extra) -> None:
+        self.report.layers[path] = {"shape": list(weight.shape), "numel": weight.numel(), "router": group,
+                                    "zeros": zeros, "sparsity": [z / weight.numel() for z in zeros],
+                                    "fallback_experts": small, **extra}
 
     def _prune_experts(self, weight: torch.Tensor, fit: GroupFit, keep: bool) -> torch.Tensor:
         return prune_experts(weight, fit, self.method, self.spec, self.options, keep)

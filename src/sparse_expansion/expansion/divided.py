@@ -7,10 +7,12 @@ Each rank records only the tokens of its own calibration batches (a contiguous s
 2. each rank routes its own tokens; every expert e belongs to rank e mod N (`distributed.owner`), which receives
    that cluster's tokens from the other ranks and accumulates its statistic batch by batch in rank order: the
    same updates in the same order as one process, so the same numbers bit for bit;
-3. each rank prunes its own experts, then every expert is broadcast from its owner (`distributed.assemble_owned`),
-   because every rank propagates its calibration batches through the whole expanded block.
-A rank thus holds the statistics of k / N clusters and does k / N of the pruning; the tokens it holds are its own
-share plus its clusters' tokens from the others, about 2 / N of all of them instead of all.
+3. each rank prunes its own experts and holds only them while the block's statistics exist; once every group is
+   pruned, every expert is broadcast from its owner (`distributed.assemble_owned`), because every rank propagates
+   its calibration batches through the whole expanded block.
+A rank thus holds the statistics of k / N clusters, k / N of the experts while it prunes, and does k / N of the
+pruning; the tokens it holds are its own share plus its clusters' tokens from the others, about 2 / N of all of
+them instead of all.
 """
 
 from __future__ import annotations
