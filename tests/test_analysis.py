@@ -191,6 +191,9 @@ def test_neurons_command_writes_the_analysis(llama_dir, corpus_dir, tmp_path, ca
                  "--top-percent", "5", *SMALL]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["blocks"] == [0, 1] and len(summary["layers"]) == 6
+    environment = summary["environment"]  # what moves the figures' rounding, as compare's reports record it
+    assert environment["threads"] == torch.get_num_threads() and environment["dtype"] == "float32"
+    assert environment["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert (out / "summary.png").is_file()
     layer = json.loads((out / "layers" / "001.mlp.up_proj.json").read_text())
     assert len(layer["wasserstein_neurons"]) == math.ceil(0.05 * 128)

@@ -29,6 +29,7 @@ from ..pruning import PruneOptions, PruneReport, SparsitySpec, get_method, prune
 from ..runtime import release_memory
 from ..settings import AtLeast, Each, Interval, OneOf, SettingError, check_fields, floats, ints, not_empty, setting
 from .jobs import check_plain_blocks, evaluate
+from .report import environment
 from .session import Session
 from .streamed import build_and_evaluate_streamed
 
@@ -150,7 +151,8 @@ def run_neurons(session: Session, out: str, options: NeuronOptions, overwrite: b
         summary = {"model": session.loaded.source, "settings": session.settings.describe(),
                    "data": session.data_summary(), "blocks": blocks, "top_percent": options.top_percent,
                    "calib_tokens": int(windows.numel()), "layers": [_short(r) for r in rows],
-                   "streamed": session.loaded.streamed is not None}
+                   "streamed": session.loaded.streamed is not None,
+                   "environment": environment(session)}  # what moves its rounding (threads, CPU, dtype)
         if options.plots:
             plots.summary_figure(rows, tmp / "summary.png")
         if options.ablate:
