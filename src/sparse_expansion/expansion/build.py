@@ -288,6 +288,11 @@ def prune_experts(weight: torch.Tensor, fit: GroupFit, method: PruningMethod, sp
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _zeros(stack: torch.Tensor) -> list[int]:
+    """Each expert's zero count, one expert's mask at a time (a whole 7B stack's mask is 0.7 GB beside it)."""
+    return [int((expert == 0).sum()) for expert in stack]
+
+
 def expand_linear(module: nn.Module, inputs: torch.Tensor, spec: SparsitySpec, config: ExpansionConfig,
                   options: PruneOptions | None = None) -> tuple[Router, torch.Tensor, torch.Tensor | None]:
     """Expand one linear layer on its calibration inputs (tokens, in), outside any model: its router, the
@@ -348,7 +353,7 @@ class ExpandStep(Step):
                 if selective:
                     layer = self._selective_layer(path, router, weight, bias, inputs, fit, fit.whole, keep)
                     shared_zeros = int((layer.shared_weight == 0).sum())
-                    zeros = [shared_zeros + z for z in (layer.expert_weight == 0).flatten(1).sum(1).tolist()]
+                    zeros = [shared_zeros + z for z in _zeros(layer.expert_weight)]
                     self._record(path, weight, group, fit.small, zeros, selected_rows=layer.selected_features)
                     block.set_submodule(name, layer)
                     continue
@@ -368,7 +373,7 @@ class ExpandStep(Step):
             experts = distributed.assemble_owned(experts.to(self.device), self.config.experts)
             layer = ExpertLinear(router, experts, bias)
             self._record(f"{prefix}.{name}", linear_weight(block.get_submodule(name)), self.groups_of[name], small,
-                         (layer.weight == 0).flatten(1).sum(1).tolist())
+                         _zeros(layer.weight))
             block.set_submodule(name, layer)
         setattr(block, ROUTERS_ATTR, routers)
         block.to(self.device)  # whole again for the propagation
