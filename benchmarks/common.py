@@ -1,4 +1,4 @@
-"""What every benchmark writes besides its rows: the command, the date and the machine."""
+"""What every benchmark writes besides its rows: the command, the date, the machine and its rounding environment."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ import torch
 
 
 def write_results(path: str, rows: list[dict], **extra) -> None:
-    """Write {"command", "date", "machine", **extra, "results": rows} to `path` atomically."""
+    """Write {"command", "date", "machine", "environment", **extra, "results": rows} to `path` atomically."""
+    from sparse_expansion.workflow.report import machine_environment
+
     payload = {
         "command": "python " + " ".join(sys.argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
+        "environment": machine_environment(),
         **extra,
         "results": rows,
     }

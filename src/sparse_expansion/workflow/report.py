@@ -64,14 +64,22 @@ ROUNDING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx51
                   "asimd", "sve")
 
 
-def environment(session: Session) -> dict:
-    """What changes rounding between runs of the same command: versions, threads, CPU, device, dtype, batches."""
+def machine_environment() -> dict:
+    """What of this process changes rounding (and speed) between runs: versions, threads, CPU and its flags, ATen's
+    kernels, and the OpenMP wait policy where one is set (PASSIVE made a 2-thread build ~20% slower; absent when
+    unset, so that runs at the default compare equal to those recorded before it was kept)."""
     flags = cpu_flags()
-    s = session.settings
+    policy = os.environ.get("OMP_WAIT_POLICY")
     return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "cpu": cpu_model(), "cpu_flags": None if flags is None else sorted(f for f in ROUNDING_FLAGS if f in flags),
-            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": s.device, "dtype": s.dtype,
-            "batch_size": s.batch_size}
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **({"omp_wait_policy": policy} if policy else {})}
+
+
+def environment(session: Session) -> dict:
+    """What changes rounding between runs of the same command: the machine's environment, device, dtype, batches."""
+    s = session.settings
+    return {**machine_environment(), "device": s.device, "dtype": s.dtype, "batch_size": s.batch_size}
 
 
 def windows_digest(windows: torch.Tensor) -> str:
