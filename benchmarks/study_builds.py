@@ -17,6 +17,13 @@ accepted the experts' default factorization is the fast one, so every entry but 
       seeds (half-width 3.6%); seeds 5-7 were then added to it and to r07 (f07@5-7, r07@5-7), eight decided.
   (g) routers fitted on a sample: --router-tokens 2048 and 4096 of the 16,384 calibration tokens, 70% (g2048, g4096).
   (h) cluster statistics accumulated in bfloat16 (--statistic-dtype bfloat16), 70% (h07).
+  (n) the experts' fast arithmetic as of 2026-12-07, today's default (no flag): one Cholesky and a triangular
+      inverse per Hessian, one Hessian or a share of the experts per thread, the later columns updated once per
+      block, each cluster's Hessian as one symmetric product over its tokens; n05 (5 seeds) and n07 (8 seeds,
+      n07 and n07@5-7, the number fixed before any ran): accepted by (f)'s rule. Paired with the reference run in
+      the same rounding environment: study (a)'s seeds 0-4 (an AVX-512 EPYC with the same flags), and (p) for
+      seeds 5-7.
+  (p) the reference build re-run at 70% for seeds 5-7 (p07@5-7) on the machine of (n).
 
 The build seconds of each run (compare's `seconds`, one thread) are paired the same way; a time ratio is reported
 only for pairs measured in one rounding environment (one machine).
@@ -40,13 +47,21 @@ STUDIES = {
     "g": {"g2048": (0.7, [*REFERENCE, "--router-tokens", "2048"]),
           "g4096": (0.7, [*REFERENCE, "--router-tokens", "4096"])},
     "h": {"h07": (0.7, [*REFERENCE, "--statistic-dtype", "bfloat16"])},
+    "n": {"n05": (0.5, []), "n07": (0.7, [])},
+    "p": {"p07": (0.7, REFERENCE)},
 }
+# Studies judged by item 2's rule, and the reference studies their runs are paired with.
+JUDGED = ("f", "n")
+REFERENCES = ("p", "r")
 NAMES = {"r05": "r_reference_50", "r07": "r_reference_70", "f05": "f_fast_factorization_50",
          "f07": "f_fast_factorization_70", "g2048": "g_router_tokens_2048", "g4096": "g_router_tokens_4096",
-         "h07": "h_statistics_bf16"}
+         "h07": "h_statistics_bf16", "n05": "n_fast_arithmetic_50", "n07": "n_fast_arithmetic_70",
+         "p07": "p_reference_here_70"}
 TITLES = {"r": "(r) the reference build on this machine against study (a)'s",
           "f": "(f) fast factorization against the reference", "g": "(g) routers fitted on a sample of tokens",
-          "h": "(h) cluster statistics in bfloat16"}
+          "h": "(h) cluster statistics in bfloat16",
+          "n": "(n) the experts' fast arithmetic of 2026-12-07 (today's default) against the reference",
+          "p": "(p) the reference build on the machine of (n), seeds 5-7"}
 # Item 2's acceptance: not distinguishable, and the interval narrower than +-3%.
 HALF_WIDTH = 0.03
 
@@ -125,12 +140,20 @@ def _runs(payload: dict | None, sparsity: float) -> dict:
 
 
 def _reference_runs(sparsity: float, here: dict, a: dict) -> tuple[dict, str]:
-    """Reference runs at a sparsity, seed by seed: study (r)'s where it ran that seed, else study (a)'s."""
-    r_name = next(e for e, (s, _) in STUDIES["r"].items() if abs(s - sparsity) < 1e-9)
-    from_r, from_a = _runs(_entry_rows(r_name), sparsity), _runs(a, sparsity)
-    runs = {seed: from_r.get(seed) or from_a[seed] for seed in here if seed in from_r or seed in from_a}
-    source = "r" if all(seed in from_r for seed in runs) else "a" if not from_r else "r, else a"
-    return runs, source
+    """Reference runs at a sparsity, seed by seed: the one made in the same rounding environment as the run it pairs
+    with, from studies (p), (r) and (a) in that order; where none was, study (r)'s, else study (a)'s."""
+    pools = {study: _runs(_entry_rows(entry), sparsity) for study in REFERENCES
+             for entry, (s, _) in STUDIES[study].items() if abs(s - sparsity) < 1e-9}
+    pools["a"] = _runs(a, sparsity)
+    runs, sources = {}, []
+    for seed, run in here.items():
+        found = [(study, pool[seed]) for study, pool in pools.items() if seed in pool]
+        same = [(study, ref) for study, ref in found if ref["environment"] == run["environment"]]
+        fallback = [(study, ref) for study, ref in found if study in ("r", "a")]
+        if same or fallback:
+            study, runs[seed] = (same or fallback)[0]
+            sources.append(study)
+    return runs, ", ".join(dict.fromkeys(sources)) or "none"
 
 
 def _interval(summary: dict, digits: int) -> str:
@@ -167,7 +190,7 @@ def derive() -> dict:
             e = _pair(label, runs, ref, sparsity=sparsity, reference_study=source, one_machine=one_machine,
                       provisional=bool(payload.get("provisional")))
             e["build_seconds"] = _pair("build seconds", runs, ref, key="seconds") if one_machine else None
-            if study == "f":
+            if study in JUDGED:
                 e["accepted"] = bool(one_machine and e["ci_low"] is not None and e["n"] >= SEEDS
                                      and e["verdict"].startswith("not distinguishable")
                                      and (e["ci_high"] - e["ci_low"]) / 2 < HALF_WIDTH)
@@ -214,8 +237,8 @@ def status() -> None:
 
 
 def main() -> None:
-    study_main(__doc__, "r, f, g, h, an entry (r05, r07, f05, f07, g2048, g4096, h07), ENTRY@FIRST-LAST (seeds "
-                        "added to an entry, from 5 on) or a comma list of them",
+    study_main(__doc__, "r, f, g, h, n, p, an entry (r05, r07, f05, f07, g2048, g4096, h07, n05, n07, p07), "
+                        "ENTRY@FIRST-LAST (seeds added to an entry, from 5 on) or a comma list of them",
                lambda study: run_commands([c for name in study.split(",") for c in steps(name)]), status, derive)
 
 

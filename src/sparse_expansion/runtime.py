@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import functools
 import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -112,3 +114,40 @@ def release_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    import threadpoolctl
+
+    return threadpoolctl.ThreadpoolController()
+
+
+def blas_threads(count: int):
+    """A context that holds the BLAS libraries loaded beside torch (scipy's and numpy's OpenBLAS) to `count`
+    threads: their own pools would otherwise start one thread per core beside torch's."""
+    return _blas_controller().limit(limits=count, user_api="blas")
+
+
+def one_thread_each(function: Callable, items: Iterable) -> list:
+    """`function(item)` for every item, in order, on as many Python threads as torch has intra-op threads, each
+    running torch's and the BLAS libraries' kernels on one thread.
+
+    For many independent small LAPACK and column-loop calls (one Hessian, a few experts): there one thread per
+    call wastes less than two threads sharing every call (a 576 x 576 Cholesky takes 1.5 ms on one thread and 2.6
+    to 7 ms on two, docs/BENCHMARKS.md, issue 18). Each call's arithmetic is then that of one thread, whatever
+    the thread count: the same numbers on 1, 2 or 16 threads. CPU work only; torch's thread count is restored
+    afterwards (the workers are new threads, which take torch's count, one, at their first parallel kernel).
+    """
+    items = list(items)
+    threads = torch.get_num_threads()
+    workers = min(threads, len(items))
+    with blas_threads(1):
+        torch.set_num_threads(1)
+        try:
+            if workers <= 1:
+                return [function(item) for item in items]
+            with ThreadPoolExecutor(workers) as pool:
+                return list(pool.map(function, items))
+        finally:
+            torch.set_num_threads(threads)

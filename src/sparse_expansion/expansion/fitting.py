@@ -39,8 +39,11 @@ OVERSAMPLING = 10
 INITS = ("k-means++", "random")
 
 
-def _pca_torch(x: torch.Tensor, components: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and top principal directions (d_in x components), largest variance first, on `x.device`.
+def _pca_torch(x: torch.Tensor, components: int, seed: int = 0, project: bool = False, overwrite: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Mean, top principal directions (d_in x components, largest variance first) and, with `project`, the
+    tokens projected on them (what `Router.project` gives, from the centred copy already made), on `x.device`.
+    `overwrite`: the tokens are centred in place (no copy; `x` is then lost).
 
     Randomized range finding (Halko, Martinsson & Tropp 2011) with a seeded sketch and a few power
     iterations; when the sketch would be nearly as wide as the data, the exact eigendecomposition
@@ -48,7 +51,7 @@ def _pca_torch(x: torch.Tensor, components: int, seed: int = 0) -> tuple[torch.T
     the same sketch on every device) and then moved to the data.
     """
     mean = x.mean(0)
-    centred = x - mean
+    centred = x.sub_(mean) if overwrite else x - mean
     n, d = centred.shape
     rank = components + OVERSAMPLING
     if 2 * rank >= min(n, d):
@@ -67,7 +70,8 @@ def _pca_torch(x: torch.Tensor, components: int, seed: int = 0) -> tuple[torch.T
     # Fix each component's sign (the largest-magnitude entry positive) so fits are reproducible.
     signs = torch.sign(top.gather(0, top.abs().argmax(0, keepdim=True)))
     signs[signs == 0] = 1
-    return mean, top * signs
+    top = (top * signs).contiguous()
+    return mean, top, centred @ top if project else None
 
 
 def _kmeans_plus_plus(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -160,13 +164,15 @@ def sample_tokens(x: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor
 
 
 def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restarts: int = 1, seed: int = 0,
-               backend: str = "torch", max_iter: int = 300, tol: float = 1e-4, init: str = "k-means++") -> Router:
+               backend: str = "torch", max_iter: int = 300, tol: float = 1e-4, init: str = "k-means++",
+               overwrite: bool = False) -> Router:
     """Fit PCA (optional) and k-means on calibration tokens `x` (n_tokens x d_in), in fp32.
 
     The torch backend fits on `x.device` (a GPU when the block runs there) and the Router's buffers
     live there; scikit-learn fits on the CPU and its Router is moved to `x.device`. `max_iter` Lloyd
     iterations at most, stopping once the centres move less than `tol` times the data's mean variance;
-    `init` seeds each of the `restarts` runs with k-means++ or with k distinct random tokens.
+    `init` seeds each of the `restarts` runs with k-means++ or with k distinct random tokens. `overwrite`: `x`
+    (fp32) may be overwritten, so that PCA centres it in place instead of copying it (the same numbers).
     """
     EXPERTS("experts", experts)
     if backend not in BACKENDS:
@@ -209,11 +215,12 @@ def fit_router(x: torch.Tensor, experts: int, reduction: int | None = 32, restar
         router.centroids.copy_(torch.from_numpy(kmeans.cluster_centers_))
         return router
     if components:
-        mean, projection = _pca_torch(x, components, seed)
+        mean, projection, z = _pca_torch(x, components, seed, project=True, overwrite=overwrite)
         router.mean.copy_(mean)
         router.projection.copy_(projection)
     else:
         router.mean.copy_(x.mean(0))
-    centres, _, _ = _kmeans_torch(router.project(x), experts, restarts, seed, max_iter, tol, init)
+        z = router.project(x)
+    centres, _, _ = _kmeans_torch(z, experts, restarts, seed, max_iter, tol, init)
     router.centroids.copy_(centres)
     return router

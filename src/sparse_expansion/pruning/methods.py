@@ -30,10 +30,12 @@ class PruneOptions:
     blocksize: int = setting(128, "SparseGPT column block size", AtLeast(1))
     percdamp: float = setting(0.01, "SparseGPT dampening, fraction of mean diag(H)", Positive())
     factorization: str | None = setting(
-        None, "how SparseGPT factors each damped Hessian: reference = Cholesky, its inverse, Cholesky again (the "
-        "authors' arithmetic); fast = one Cholesky and a triangular inverse, half the work, different rounding "
-        "(default: fast for Sparse Expansion's experts, accepted over 5-8 calibration seeds at 50% and 70%, "
-        "docs/BENCHMARKS.md study (f); reference for SparseGPT itself)", choices=tuple(FACTORIZATIONS))
+        None, "SparseGPT's arithmetic: reference = Cholesky, its inverse, Cholesky again, and the later columns "
+        "updated after every 32 columns (the arithmetic of every figure before 2026-12-07); fast = one Cholesky and "
+        "a triangular inverse (half the work), one Hessian or a share of the experts per thread, and the later "
+        "columns updated once per block; different rounding (default: fast for Sparse Expansion's experts, judged "
+        "over calibration seeds at 50% and 70% in docs/BENCHMARKS.md, studies (f) and (n); reference for SparseGPT "
+        "itself)", choices=tuple(FACTORIZATIONS))
 
     def __post_init__(self):
         check_fields(self)
@@ -70,7 +72,8 @@ def sparsegpt_method(weight: torch.Tensor, statistic: Hessian, spec: SparsitySpe
         matrices = statistic.matrix if statistic.matrix.dim() == 3 else statistic.matrix.unsqueeze(0)
         statistic.derived[key] = hessian_factors(matrices.to(weight.device), options.percdamp, options.factorization)
     return sparsegpt_prune(weight, None, spec, blocksize=options.blocksize, percdamp=options.percdamp,
-                           bits=options.bits, factors=statistic.derived[key]).weight
+                           bits=options.bits, factors=statistic.derived[key],
+                           block_updates=options.factorization == "fast").weight
 
 
 @dataclass(frozen=True)
