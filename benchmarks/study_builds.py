@@ -19,10 +19,10 @@ accepted the experts' default factorization is the fast one, so every entry but 
   (h) cluster statistics accumulated in bfloat16 (--statistic-dtype bfloat16), 70% (h07).
   (n) the experts' fast arithmetic as of 2026-12-07, today's default (no flag): one Cholesky and a triangular
       inverse per Hessian, one Hessian or a share of the experts per thread, the later columns updated once per
-      block, each cluster's Hessian as one symmetric product over its tokens; n05 (5 seeds) and n07 (8 seeds,
-      n07 and n07@5-7, the number fixed before any ran): accepted by (f)'s rule. Paired with the reference run in
-      the same rounding environment: study (a)'s seeds 0-4 (an AVX-512 EPYC with the same flags), and (p) for
-      seeds 5-7.
+      block; n05 (5 seeds) and n07 (8 seeds, n07 and n07@5-7, the number fixed before any ran): accepted by (f)'s
+      rule. Paired with the reference run in the same rounding environment: study (a)'s seeds 0-4 (an AVX-512
+      EPYC with the same flags), and (p) for seeds 5-7. (A first run of (n), with each cluster's Hessian formed
+      as one symmetric product as well, is kept as n_fast_arithmetic_syrk_*: that part was no faster, and dropped.)
   (p) the reference build re-run at 70% for seeds 5-7 (p07@5-7) on the machine of (n).
 
 The build seconds of each run (compare's `seconds`, one thread) are paired the same way; a time ratio is reported
@@ -139,6 +139,15 @@ def _runs(payload: dict | None, sparsity: float) -> dict:
     return {} if payload is None else _by_seed(payload, "sparse-expansion", sparsity, 16)
 
 
+def _rounding(run: dict) -> dict:
+    """A run's rounding environment: its environment less the OpenMP wait policy (which moves time, not numbers)."""
+    return _without_policy(run["environment"])
+
+
+def _without_policy(environment: dict) -> dict:
+    return {key: value for key, value in environment.items() if key != "omp_wait_policy"}
+
+
 def _reference_runs(sparsity: float, here: dict, a: dict) -> tuple[dict, str]:
     """Reference runs at a sparsity, seed by seed: the one made in the same rounding environment as the run it pairs
     with, from studies (p), (r) and (a) in that order; where none was, study (r)'s, else study (a)'s."""
@@ -148,7 +157,7 @@ def _reference_runs(sparsity: float, here: dict, a: dict) -> tuple[dict, str]:
     runs, sources = {}, []
     for seed, run in here.items():
         found = [(study, pool[seed]) for study, pool in pools.items() if seed in pool]
-        same = [(study, ref) for study, ref in found if ref["environment"] == run["environment"]]
+        same = [(study, ref) for study, ref in found if _rounding(ref) == _rounding(run)]
         fallback = [(study, ref) for study, ref in found if study in ("r", "a")]
         if same or fallback:
             study, runs[seed] = (same or fallback)[0]
@@ -172,7 +181,7 @@ def derive() -> dict:
         found[study] = []
         for entry, (sparsity, _) in entries.items():
             payload = _entry_rows(entry)
-            if payload is None:
+            if payload is None or not payload["results"]:  # not started, or a state with no finished run yet
                 continue
             payloads.append(payload)
             if payload["test_windows_sha256"] != a["test_windows_sha256"]:
@@ -186,22 +195,32 @@ def derive() -> dict:
                 label = f"{NAMES[entry]} / reference build ({source}), x16 at {sparsity:.0%}"
             if not set(runs) & set(ref):
                 continue
-            one_machine = all(runs[seed]["environment"] == ref[seed]["environment"] for seed in set(runs) & set(ref))
+            pairs = set(runs) & set(ref)
+            # One rounding environment: the numbers pair; the same conditions as well (the wait policy too): the
+            # build times pair.
+            one_machine = all(_rounding(runs[seed]) == _rounding(ref[seed]) for seed in pairs)
+            same_conditions = one_machine and all(runs[seed]["environment"] == ref[seed]["environment"]
+                                                  for seed in pairs)
             e = _pair(label, runs, ref, sparsity=sparsity, reference_study=source, one_machine=one_machine,
                       provisional=bool(payload.get("provisional")))
-            e["build_seconds"] = _pair("build seconds", runs, ref, key="seconds") if one_machine else None
+            e["build_seconds"] = _pair("build seconds", runs, ref, key="seconds") if same_conditions else None
             if study in JUDGED:
                 e["accepted"] = bool(one_machine and e["ci_low"] is not None and e["n"] >= SEEDS
                                      and e["verdict"].startswith("not distinguishable")
                                      and (e["ci_high"] - e["ci_low"]) / 2 < HALF_WIDTH)
             found[study].append(e)
-    environments = _environments(*payloads)
+    environments = []
+    for environment in map(_without_policy, _environments(*payloads)):  # the wait policy left out
+        if environment not in environments:
+            environments.append(environment)
     lines = ["# Build changes over calibration seeds (benchmarks/study_builds.py derive)", "",
              "Each ratio pairs a changed build with the reference build (Sparse Expansion x16, reference "
              "factorization, all router tokens, fp32 statistics) seed by seed, on the same calibration and test "
-             "windows; 95% Student-t intervals. The reference is study "
-             "(r), run on the machine that ran the change; (a) marks a pair with study (a)'s runs instead. A build "
-             "time ratio is given only where both sides ran in one rounding environment.", "",
+             "windows; 95% Student-t intervals. Each seed's reference is the run made in the same rounding "
+             "environment as the change's (from studies (p), (r) and (a), in that order; the OpenMP wait policy moves "
+             "time, not numbers, and is left out), else study (r)'s; the source is named after each comparison. A "
+             "build time ratio is given only where both sides ran in one environment under the same wait policy.",
+             "",
              f"Rounding environments: {len(environments)} ("
              + "; ".join(f"{e['cpu']} {e['aten_cpu_capability']}, {e['threads']} threads" for e in environments)
              + ").", ""]
@@ -216,7 +235,7 @@ def derive() -> dict:
             t = e["build_seconds"]
             note = " (provisional)" if e["provisional"] else ""
             accepted = "" if "accepted" not in e else (", accepted" if e["accepted"] else ", not accepted")
-            time = "two machines" if t is None else _interval(t, 3)
+            time = _interval(t, 3) if t else "other run conditions" if e["one_machine"] else "two machines"
             lines.append(f"| {e['comparison']}{note} | {e['n']} | {_interval(e, 4)} | {e['verdict']}{accepted} | "
                          f"{time} |")
         lines.append("")

@@ -129,19 +129,21 @@ def blas_threads(count: int):
     return _blas_controller().limit(limits=count, user_api="blas")
 
 
-def one_thread_each(function: Callable, items: Iterable) -> list:
+def one_thread_each(function: Callable, items: Iterable, workers: int | None = None) -> list:
     """`function(item)` for every item, in order, on as many Python threads as torch has intra-op threads, each
     running torch's and the BLAS libraries' kernels on one thread.
 
     For many independent small LAPACK and column-loop calls (one Hessian, a few experts): there one thread per
-    call wastes less than two threads sharing every call (a 576 x 576 Cholesky takes 1.5 ms on one thread and 2.6
-    to 7 ms on two, docs/BENCHMARKS.md, issue 18). Each call's arithmetic is then that of one thread, whatever
-    the thread count: the same numbers on 1, 2 or 16 threads. CPU work only; torch's thread count is restored
-    afterwards (the workers are new threads, which take torch's count, one, at their first parallel kernel).
+    call wastes less than two threads sharing every call (a layer's 16 factorizations: 4.7x faster at 576 x 576
+    and 2.0x at 1,536 x 1,536 on two cores, docs/BENCHMARKS.md, issue 18). Each call's arithmetic is then that of
+    one thread, whatever the thread count: the same numbers on 1, 2 or 16 threads. CPU work only; torch's thread
+    count is restored afterwards (the workers are new threads, which take torch's count, one, at their first
+    parallel kernel).
+    `workers`: at most this many at once (e.g. what memory allows).
     """
     items = list(items)
     threads = torch.get_num_threads()
-    workers = min(threads, len(items))
+    workers = min(threads, len(items), workers or threads)
     with blas_threads(1):
         torch.set_num_threads(1)
         try:

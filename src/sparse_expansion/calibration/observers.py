@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
-from ..kernels.linalg import gram
 
 
 class _RunningMean:
@@ -31,11 +30,6 @@ class _RunningMean:
         return self
 
     def update(self, inputs: torch.Tensor) -> None:
-        self._accumulate(inputs)
-
-    def update_fast(self, inputs: torch.Tensor) -> None:
-        """`update` with arithmetic that may differ from it by rounding, for a statistic fed many tokens at once
-        (Sparse Expansion's clusters under the fast arithmetic, expansion/build.py); here the same."""
         self._accumulate(inputs)
 
     def defer(self, inputs: torch.Tensor) -> None:
@@ -139,16 +133,6 @@ class Hessian(_RunningMean):
         self.matrix.mul_(self.tokens / total)
         x = x * (2.0 / total) ** 0.5
         self.matrix.addmm_(x.t(), x)
-        self.tokens = total
-        self.derived.clear()
-
-    def update_fast(self, inputs: torch.Tensor) -> None:
-        """x^T x formed as a symmetric rank-k product (`kernels.linalg.gram`: half the multiply-adds of `update`'s
-        matrix product, 1.75x faster at 1,536 inputs) and scaled after: the same statistic up to rounding."""
-        x = inputs.reshape(-1, inputs.shape[-1]).to(self.matrix.device, self.matrix.dtype)
-        total = self.tokens + x.shape[0]
-        if total:
-            self.matrix.mul_(self.tokens / total).add_(gram(x), alpha=2.0 / total)
         self.tokens = total
         self.derived.clear()
 

@@ -26,7 +26,6 @@ instead, and the manifest says so.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable
@@ -142,22 +141,10 @@ class ExpansionReport:
                 "fallback_experts": self.fallbacks(), "routers": self.routers, "layers": self.layers}
 
 
-def _cluster_statistics(batches: list[torch.Tensor], router: Router, new_statistic, device: torch.device,
-                        fast: bool = False) -> list:
+def _cluster_statistics(batches: list[torch.Tensor], router: Router, new_statistic, device: torch.device) -> list:
     """One statistic per cluster (`new_statistic(in_features)`), fed batch by batch with that cluster's tokens (in
-    order; routed on `device`). `fast`: each cluster's tokens from every batch at once, one `update_fast` per
-    cluster (one cluster's tokens gathered at a time)."""
+    order; routed on `device`)."""
     statistics = [new_statistic(router.in_features) for _ in range(router.experts)]
-    if fast:
-        batches = [batch.to(device) for batch in batches]
-        grouped = [_grouping(router.assign(batch), router.experts) for batch in batches]
-        for e, statistic in enumerate(statistics):
-            parts = [batch.index_select(0, order[start[e]:start[e + 1]]) for batch, (order, start) in
-                     zip(batches, grouped, strict=True) if start[e + 1] > start[e]]
-            if parts:
-                statistic.update_fast(torch.cat(parts) if len(parts) > 1 else parts[0])
-            del parts
-        return statistics
     for batch in batches:
         batch = batch.to(device)
         if router.experts == 1:
@@ -168,13 +155,6 @@ def _cluster_statistics(batches: list[torch.Tensor], router: Router, new_statist
             if chunk.shape[0]:
                 statistic.update(chunk)
     return statistics
-
-
-def _grouping(labels: torch.Tensor, experts: int) -> tuple[torch.Tensor, list[int]]:
-    """The stable order that groups tokens by expert label and where each expert's run starts in it (experts + 1
-    offsets)."""
-    counts = torch.bincount(labels, minlength=experts).tolist()
-    return torch.argsort(labels, stable=True), [0, *itertools.accumulate(counts)]
 
 
 def select_rows(scores: torch.Tensor, fraction: float, rows: int, path: str) -> torch.Tensor:
@@ -240,14 +220,13 @@ def statistic_placement(config: ExpansionConfig, method: PruningMethod, in_featu
 
 
 def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: PruningMethod, device: torch.device,
-              whole: bool = False, in_features: int | None = None, fast: bool = False) -> GroupFit:
+              whole: bool = False, in_features: int | None = None) -> GroupFit:
     """Fit the router on the tokens (at most `router_tokens` of them, a seeded sample), then route every token and
     accumulate one statistic per cluster (batches are consumed). A cluster with fewer than `min_cluster_tokens`
     tokens uses the layer's whole statistic instead.
 
     Under torch.distributed, unless `whole` is asked for, the batches are this rank's own and the fit is divided:
-    `clusters` holds the statistics of this rank's experts only (divided.py; `in_features` then required). `fast`
-    (the experts' fast arithmetic, PruneOptions.factorization): each cluster's statistic in one `update_fast`."""
+    `clusters` holds the statistics of this rank's experts only (divided.py; `in_features` then required)."""
     in_features = in_features or batches[0].shape[-1]
     divided = distributed.active() and not whole
     owned = distributed.owned(config.experts) if divided else list(range(config.experts))
@@ -260,8 +239,7 @@ def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: Prun
         tokens_dtype = divided_fit.tokens_dtype(batches)
         router = divided_fit.fit_router_once(batches, in_features, tokens_dtype, config, device)
         seconds = time.perf_counter() - start
-        mine, sizes = divided_fit.owned_cluster_statistics(batches, router, tokens_dtype, new_statistic, device,
-                                                           fast)
+        mine, sizes = divided_fit.owned_cluster_statistics(batches, router, tokens_dtype, new_statistic, device)
         clusters = [mine[e] for e in owned]
 
         def combine():
@@ -273,7 +251,7 @@ def fit_group(batches: list[torch.Tensor], config: ExpansionConfig, method: Prun
                             init=config.kmeans_init, overwrite=True).to(device)
         del tokens
         seconds = time.perf_counter() - start
-        clusters = _cluster_statistics(batches, router, new_statistic, device, fast)
+        clusters = _cluster_statistics(batches, router, new_statistic, device)
         sizes = [s.tokens for s in clusters]
 
         def combine():
@@ -320,11 +298,10 @@ def expand_linear(module: nn.Module, inputs: torch.Tensor, spec: SparsitySpec, c
     """Expand one linear layer on its calibration inputs (tokens, in), outside any model: its router, the
     (k, out, in) pruned experts and the bias. (What the analysis uses to vary the number of experts.)"""
     method = get_method(config.method)
-    options = (options or PruneOptions()).for_experts()
-    fit = fit_group([inputs], config, method, inputs.device, fast=options.factorization == "fast")
+    fit = fit_group([inputs], config, method, inputs.device)
     weight = linear_weight(module).detach().to(inputs.device)
     bias = getattr(module, "bias", None)
-    experts = prune_experts(weight, fit, method, spec, options)
+    experts = prune_experts(weight, fit, method, spec, (options or PruneOptions()).for_experts())
     return fit.router, experts, None if bias is None else bias.detach()
 
 
@@ -361,8 +338,7 @@ class ExpandStep(Step):
             batches = statistics[group].batches
             inputs = torch.cat(batches).to(self.device) if selective else None  # what the row scores read
             in_features = linear_weight(block.get_submodule(names[0])).shape[1]
-            fit = fit_group(batches, config, self.method, self.device, whole=selective, in_features=in_features,
-                            fast=self.options.factorization == "fast")
+            fit = fit_group(batches, config, self.method, self.device, whole=selective, in_features=in_features)
             report.router_seconds += fit.router_seconds
             report.statistic_bytes = max(report.statistic_bytes, statistic_bytes(fit))
             router = fit.router

@@ -58,11 +58,10 @@ def fit_router_once(batches: list[torch.Tensor], in_features: int, dtype: torch.
 
 
 def owned_cluster_statistics(batches: list[torch.Tensor], router: Router, dtype: torch.dtype, new_statistic,
-                             device: torch.device, fast: bool = False) -> tuple[dict[int, object], list[int]]:
+                             device: torch.device) -> tuple[dict[int, object], list[int]]:
     """This rank's clusters' statistics (by expert index; `new_statistic(in_features)`), each fed batch by batch
     with that cluster's tokens from every rank in rank order, and every cluster's token count (batches are
-    consumed; `dtype`: the tokens'). `fast`: each cluster's tokens from every rank, in that order, in one
-    `update_fast`, as one process does."""
+    consumed; `dtype`: the tokens')."""
     experts, owner = router.experts, distributed.owner
     chunks = []  # per local batch: its tokens of each cluster, in the batch's order
     for index, batch in enumerate(batches):
@@ -74,7 +73,6 @@ def owned_cluster_statistics(batches: list[torch.Tensor], router: Router, dtype:
     sizes = [sum(row[e] for rows in every for row in rows) for e in range(experts)]
     statistics = {e: new_statistic(router.in_features) for e in distributed.owned(experts)}
     me = distributed.rank()
-    pending = {}  # expert -> its tokens so far, in rank order (fast)
     for src, rows in enumerate(every):
         # In rank order, which is the one-process order: each cluster's batches from rank `src`.
         if src == me:
@@ -91,12 +89,6 @@ def owned_cluster_statistics(batches: list[torch.Tensor], router: Router, dtype:
             data = distributed.recv((sum(n for _, n in wanted), router.in_features), dtype, src, device)
             parts = list(zip([e for e, _ in wanted], data.split([n for _, n in wanted]), strict=True))
         for e, chunk in parts:
-            if fast:
-                pending.setdefault(e, []).append(chunk)
-            else:
-                statistics[e].update(chunk)
+            statistics[e].update(chunk)
         del parts
-    for e, chunks in pending.items():
-        statistics[e].update_fast(torch.cat(chunks) if len(chunks) > 1 else chunks[0])
-        chunks.clear()
     return statistics, sizes

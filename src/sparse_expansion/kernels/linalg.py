@@ -1,11 +1,10 @@
-"""BLAS and LAPACK routines that torch does not expose, from the libraries that scipy ships.
+"""LAPACK routines that torch does not expose, from the LAPACK that scipy ships.
 
-`gram` is BLAS's symmetric rank-k product (half the multiply-adds of a matrix product). The triangular inverse is
-called through scipy's table of Cython LAPACK functions (`scipy.linalg.cython_lapack`, the library
+They are called through scipy's table of Cython LAPACK functions (`scipy.linalg.cython_lapack`, the library
 behind `scipy.linalg.lapack`) with ctypes, which lets go of the GIL for the call: several Python threads then
-invert at once (`runtime.one_thread_each`). `scipy.linalg.lapack`'s own wrappers hold the GIL: two threads
-inverting 1,536 x 1,536 factors took as long as one (0.216 s against 0.222 s for eight; through ctypes 0.125 s,
-docs/BENCHMARKS.md, issue 18).
+invert at once (`runtime.one_thread_each`). `scipy.linalg.lapack`'s own wrappers hold the GIL: eight 1,536 x 1,536
+factors inverted on two threads took 216 ms through them and 109 ms through ctypes (docs/bench_fast_arithmetic.json,
+issue 18).
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import ctypes
 import functools
 
 import torch
-
-from ..runtime import blas_threads
 
 _INT = ctypes.POINTER(ctypes.c_int)
 
@@ -59,19 +56,4 @@ def invert_lower_triangular_(lower: torch.Tensor) -> bool:
     routine(uplo, b"N", ctypes.byref(n), ctypes.c_void_p(lower.data_ptr()), ctypes.byref(n), ctypes.byref(info))
     # info > 0: a zero pivot, found before anything is written (LAPACK checks the diagonal first).
     return info.value == 0
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x for tokens x (n, d): BLAS's symmetric rank-k update (syrk, half the multiply-adds of x.t() @ x: 29 ms
-    against 51 ms at 2,048 x 1,536 on two threads, docs/BENCHMARKS.md, issue 18) on the CPU, with as many BLAS
-    threads as torch has; a matrix product elsewhere. Both triangles are filled."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.shape[0] == 0:
-        return x.t() @ x
-    from scipy.linalg import blas
-
-    syrk = blas.ssyrk if x.dtype == torch.float32 else blas.dsyrk
-    # Column-major, x.T is x's own memory: BLAS sees the (d, n) matrix A = x^T and forms A A^T, lower triangle.
-    with blas_threads(torch.get_num_threads()):
-        lower = torch.from_numpy(syrk(1.0, x.contiguous().numpy().T, trans=0, lower=1))
-    return lower.add_(lower.t().triu(1))
 
