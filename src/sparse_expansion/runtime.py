@@ -134,8 +134,8 @@ def one_thread_each(function: Callable, items: Iterable, workers: int | None = N
     running torch's and the BLAS libraries' kernels on one thread.
 
     For many independent small LAPACK and column-loop calls (one Hessian, a few experts): there one thread per
-    call wastes less than two threads sharing every call (a layer's 16 factorizations: 4.7x faster at 576 x 576
-    and 2.0x at 1,536 x 1,536 on two cores, docs/BENCHMARKS.md, issue 18). Each call's arithmetic is then that of
+    call wastes less than two threads sharing every call (a layer's 16 factorizations: 6.3x faster at 576 x 576
+    and 2.1x at 1,536 x 1,536 on two cores, docs/BENCHMARKS.md, issue 18). Each call's arithmetic is then that of
     one thread, whatever the thread count: the same numbers on 1, 2 or 16 threads. CPU work only; torch's thread
     count is restored afterwards (the workers are new threads, which take torch's count, one, at their first
     parallel kernel).

@@ -3,7 +3,7 @@
 They are called through scipy's table of Cython LAPACK functions (`scipy.linalg.cython_lapack`, the library
 behind `scipy.linalg.lapack`) with ctypes, which lets go of the GIL for the call: several Python threads then
 invert at once (`runtime.one_thread_each`). `scipy.linalg.lapack`'s own wrappers hold the GIL: eight 1,536 x 1,536
-factors inverted on two threads took 216 ms through them and 109 ms through ctypes (docs/bench_fast_arithmetic.json,
+factors inverted on two threads took 175 ms through them and 77 ms through ctypes (docs/bench_fast_arithmetic.json,
 issue 18).
 """
 

@@ -22,7 +22,7 @@ def highest_first(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest along the last dimension (kept as a dimension of 1): numpy's introselect on the CPU,
-    1.9x faster than torch's kthvalue on eight experts' 196,608 block scores each (docs/bench_fast_arithmetic.json,
+    2.0x faster than torch's kthvalue on eight experts' 196,608 block scores each (docs/bench_fast_arithmetic.json,
     issue 18); the same value, a selection being exact."""
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and values.numel():
         import numpy as np

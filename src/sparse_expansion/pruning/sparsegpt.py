@@ -98,7 +98,7 @@ def inverse_hessian_factors(hessians: torch.Tensor, percdamp: float, factorizati
     damp starts at `percdamp` x mean(diag H) and is raised tenfold, per matrix, until the
     factorization succeeds. `factorization`: "reference" (default) is SparseGPT's own arithmetic, one matrix
     after another on torch's threads; "fast" does half the work, one matrix per thread on the CPU
-    (`one_thread_each`: 4.7x and 2.0x faster than one after another on two threads for 16 Hessians of 576 and 1,536
+    (`one_thread_each`: 6.3x and 2.1x faster than one after another on two threads for 16 Hessians of 576 and 1,536
     columns, and the same numbers on any thread count), and differs from the reference by rounding, which changes
     masks (docs/BENCHMARKS.md judges it over calibration seeds).
     """
