@@ -38,6 +38,7 @@ def main() -> None:
     from sparse_expansion.calibration import Hessian
     from sparse_expansion.expansion.build import _cluster_statistics
     from sparse_expansion.expansion.fitting import fit_router
+    from sparse_expansion.kernels.linalg import invert_lower_triangular_
     from sparse_expansion.pruning import SparsitySpec, sparsegpt_prune
     from sparse_expansion.pruning.masks import _kth_smallest
     from sparse_expansion.pruning.sparsegpt import FACTORIZATIONS, _factor_into, hessian_factors
@@ -58,12 +59,12 @@ def main() -> None:
         print(f"{part} {shape}: {before} {before_s * 1e3:.1f} ms, {after} {after_s * 1e3:.1f} ms "
               f"({before_s / after_s:.2f}x)", flush=True)
 
-    for group, x in inputs.items():
+    clusters = {}  # width -> the 16 cluster Hessians, for the column loops below
+    for x in inputs.values():
         width = x.shape[1]
         router = fit_router(x, 16, 32)
-        batches = list(x.split(2048))
-        stats = _cluster_statistics(batches, router, Hessian, torch.device("cpu"))
-        hessians = Hessian.stack(stats).matrix
+        stats = _cluster_statistics(list(x.split(2048)), router, Hessian, torch.device("cpu"))
+        hessians = clusters[width] = Hessian.stack(stats).matrix
 
         # One Cholesky on one thread and on torch's threads.
         one = hessians[0] + 0.01 * hessians[0].diagonal().mean() * torch.eye(width)
@@ -88,8 +89,6 @@ def main() -> None:
 
         # The triangular inverse from two Python threads: scipy's wrapper keeps the GIL, ctypes lets it go.
         lower = torch.linalg.cholesky(one)
-        from sparse_expansion.kernels.linalg import invert_lower_triangular_
-
         copies = [lower.clone() for _ in range(8)]
         with blas_threads(1), ThreadPoolExecutor(2) as pool:
             wrapped = median_seconds(lambda: list(pool.map(lambda m: lapack.strtri(m.t().numpy(), lower=0), copies)),
@@ -110,11 +109,7 @@ def main() -> None:
         torch.set_num_threads(threads)
 
     # The column loop of 16 experts, with the fast factors of their own clusters: gate shape and down shape.
-    for group, x in inputs.items():
-        width = x.shape[1]
-        router = fit_router(x, 16, 32)
-        hessians = Hessian.stack(_cluster_statistics(list(x.split(2048)), router, Hessian,
-                                                     torch.device("cpu"))).matrix
+    for width, hessians in clusters.items():
         factors = hessian_factors(hessians, 0.01, "fast")
         weight = torch.randn(1536 if width == 576 else 576, width, generator=torch.Generator().manual_seed(1))
         stack = weight.expand(16, *weight.shape)

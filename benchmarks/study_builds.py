@@ -139,12 +139,8 @@ def _runs(payload: dict | None, sparsity: float) -> dict:
     return {} if payload is None else _by_seed(payload, "sparse-expansion", sparsity, 16)
 
 
-def _rounding(run: dict) -> dict:
-    """A run's rounding environment: its environment less the OpenMP wait policy (which moves time, not numbers)."""
-    return _without_policy(run["environment"])
-
-
-def _without_policy(environment: dict) -> dict:
+def _rounding(environment: dict) -> dict:
+    """A rounding environment: a run's environment less the OpenMP wait policy (which moves time, not numbers)."""
     return {key: value for key, value in environment.items() if key != "omp_wait_policy"}
 
 
@@ -157,7 +153,7 @@ def _reference_runs(sparsity: float, here: dict, a: dict) -> tuple[dict, str]:
     runs, sources = {}, []
     for seed, run in here.items():
         found = [(study, pool[seed]) for study, pool in pools.items() if seed in pool]
-        same = [(study, ref) for study, ref in found if _rounding(ref) == _rounding(run)]
+        same = [(study, ref) for study, ref in found if _rounding(ref["environment"]) == _rounding(run["environment"])]
         fallback = [(study, ref) for study, ref in found if study in ("r", "a")]
         if same or fallback:
             study, runs[seed] = (same or fallback)[0]
@@ -198,7 +194,8 @@ def derive() -> dict:
             pairs = set(runs) & set(ref)
             # One rounding environment: the numbers pair; the same conditions as well (the wait policy too): the
             # build times pair.
-            one_machine = all(_rounding(runs[seed]) == _rounding(ref[seed]) for seed in pairs)
+            one_machine = all(_rounding(runs[seed]["environment"]) == _rounding(ref[seed]["environment"])
+                              for seed in pairs)
             same_conditions = one_machine and all(runs[seed]["environment"] == ref[seed]["environment"]
                                                   for seed in pairs)
             e = _pair(label, runs, ref, sparsity=sparsity, reference_study=source, one_machine=one_machine,
@@ -210,7 +207,7 @@ def derive() -> dict:
                                      and (e["ci_high"] - e["ci_low"]) / 2 < HALF_WIDTH)
             found[study].append(e)
     environments = []
-    for environment in map(_without_policy, _environments(*payloads)):  # the wait policy left out
+    for environment in map(_rounding, _environments(*payloads)):  # the wait policy left out
         if environment not in environments:
             environments.append(environment)
     lines = ["# Build changes over calibration seeds (benchmarks/study_builds.py derive)", "",

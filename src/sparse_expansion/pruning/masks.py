@@ -52,8 +52,10 @@ def lowest_mask(scores: torch.Tensor, spec: SparsitySpec, per_row: bool) -> torc
     # The k-th smallest of a matrix is the same in any memory order, so it is taken in the order the scores are
     # stored (a transposed view needs no copy); where no tie straddles it, every score up to it is the mask.
     transposed = not per_row and not scores.is_contiguous() and scores.transpose(-1, -2).is_contiguous()
-    flat = scores if per_row else scores.reshape(*lead, 1, rows * cols) if not transposed else None
-    stored = scores.transpose(-1, -2).reshape(*lead, 1, rows * cols) if transposed else flat
+    if transposed:
+        flat, stored = None, scores.transpose(-1, -2).reshape(*lead, 1, rows * cols)
+    else:
+        flat = stored = scores if per_row else scores.reshape(*lead, 1, rows * cols)
     threshold = _kth_smallest(stored, k)
     mask = stored <= threshold
     if bool((mask.sum(-1, keepdim=True) == k).all()):
