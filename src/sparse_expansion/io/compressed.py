@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,18 @@ def _encode(name: str, tensor: torch.Tensor, encoding: str) -> dict[str, torch.T
     return {f"{name}::crow": crow.to(torch.int32), f"{name}::col": col, f"{name}::values": values}
 
 
-def _decode(name: str, entry: dict, read) -> torch.Tensor:
+@dataclass(frozen=True)
+class BitmaskTensor:
+    """A tensor as the file stores it in the `bitmask` encoding, not decoded: `mask` (uint8, one bit per element
+    of the row-major tensor, little-endian bit order) and `values` (the non-zeros in row-major order)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    mask: torch.Tensor
+    values: torch.Tensor
+
+
+def _decode(name: str, entry: dict, read, keep_bitmask: bool = False) -> torch.Tensor | BitmaskTensor:
     encoding = entry["encoding"]
     shape = entry["shape"]
     if encoding == "dense":
@@ -131,6 +143,8 @@ def _decode(name: str, entry: dict, read) -> torch.Tensor:
     dtype = getattr(torch, entry["dtype"])
     values = read(f"{name}::values")
     numel = int(np.prod(shape)) if shape else 1
+    if encoding == "bitmask" and keep_bitmask:
+        return BitmaskTensor(tuple(shape), dtype, read(f"{name}::mask"), values)
     if encoding == "bitmask":
         bits = read(f"{name}::mask").numpy()
         mask = torch.from_numpy(np.unpackbits(bits, count=numel, bitorder="little").view(bool))
@@ -216,9 +230,11 @@ def compressed_names(path: str | Path) -> list[str]:
     return list(json.loads(metadata[INDEX_KEY]))
 
 
-def load_compressed(path: str | Path, select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+def load_compressed(path: str | Path, select: Callable[[str], bool] | None = None,
+                    keep_bitmask: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Read a file written by `save_compressed` back into dense tensors (exactly as saved); `select`: only the
-    tensors whose name it accepts (the others are not read)."""
+    tensors whose name it accepts (the others are not read); `keep_bitmask`: the tensors whose name it accepts
+    come back as `BitmaskTensor` where the file stores them as bitmasks (never decoded to dense)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -231,7 +247,8 @@ def load_compressed(path: str | Path, select: Callable[[str], bool] | None = Non
                 for entry in list(index.values()):  # a selected alias needs its target
                     if entry["encoding"] == "alias":
                         index.setdefault(entry["target"], full[entry["target"]])
-            state = {name: _decode(name, entry, _reader(handle, entry.get("packed", {})))
+            state = {name: _decode(name, entry, _reader(handle, entry.get("packed", {})),
+                                   keep_bitmask is not None and keep_bitmask(name))
                      for name, entry in index.items() if entry["encoding"] != "alias"}
     except (SafetensorError, zstandard.ZstdError, ValueError) as exc:
         raise UsageError(f"{path} is corrupted or truncated: {str(exc).splitlines()[0]}") from None

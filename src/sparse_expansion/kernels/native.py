@@ -1,7 +1,8 @@
-"""Build, cache and call the CPU sparse kernels in `csr_kernels.c` (weight-sparse CSR products and the
-activation-sparse product of a thresholded down projection).
+"""Build, cache and call the CPU sparse kernels: `csr_kernels.c` (fp32 CSR products and the activation-sparse
+product of a thresholded down projection) and `bitmask_kernels.c` (bitmask + values products in fp32, bf16, fp16
+and on a 4- or 8-bit grid).
 
-The C file is compiled at first use with the system C compiler (`$CC`, else Python's own, else `cc`)
+The C files are compiled at first use with the system C compiler (`$CC`, else Python's own, else `cc`)
 into the user cache (`~/.cache/sparse-expansion/kernels`, or `$SPARSE_EXPANSION_CACHE/kernels`), keyed
 by a hash of the source, the compiler, the flags and the processor, then loaded with ctypes. Without a
 compiler the kernels are unavailable and every layer stays dense (one warning says why).
@@ -29,7 +30,7 @@ from ..runtime import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csr_kernels.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("csr_kernels.c", "bitmask_kernels.c"))
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 NATIVE_FLAGS = ("-march=native",)
 DISABLE_ENV = "SPARSE_EXPANSION_KERNELS"
@@ -56,7 +57,8 @@ def _cpu_model() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS + NATIVE_FLAGS),
+    sources = [source.read_text() for source in SOURCES]
+    digest = hashlib.sha256("\0".join([*sources, compiler, version, " ".join(FLAGS + NATIVE_FLAGS),
                                        platform.machine(), _cpu_model()]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"csr_kernels-{digest}.so"
     if target.exists():
@@ -66,7 +68,7 @@ def _build(compiler: str) -> Path:
     for flags in (FLAGS + NATIVE_FLAGS, FLAGS):  # some compilers lack -march=native
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if done.returncode == 0:
             os.replace(tmp, target)  # atomic: a concurrent build never sees a half-written library
             return target
@@ -94,6 +96,18 @@ class _Library:
         self.act_sparse_csr_matmul = lib.act_sparse_csr_matmul
         self.act_sparse_csr_matmul.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         self.act_sparse_csr_matmul.restype = ctypes.c_int
+        i32 = ctypes.c_int
+        grid = [i32, i64, i64, i64]  # value kind, rows, cols, mask words per row
+        arrays = [ptr, ptr, ptr, ptr, ptr]  # mask, row offsets, values, scale, zero
+        self.bm_matvec = lib.bm_matvec
+        self.bm_matvec.argtypes = [*grid, *arrays, ptr, i32, ptr, ptr, i32]
+        self.bm_matvec.restype = i32
+        self.bm_matmul = lib.bm_matmul
+        self.bm_matmul.argtypes = [*grid, i64, *arrays, ptr, i32, ptr, ptr, i32]
+        self.bm_matmul.restype = i32
+        self.bm_decode = lib.bm_decode
+        self.bm_decode.argtypes = [*grid, *arrays, ptr, i32]
+        self.bm_decode.restype = None
         self.path = path
 
 

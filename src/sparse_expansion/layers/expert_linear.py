@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
 from .linear import nonzero_flops
 from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
 from .router import Router, by_expert
-from .sparse_linear import CSRWeight, apply_switch, csr_candidate, prepare_csr, sparse_product
-from .switch import ALWAYS
+from .sparse_linear import prepare_csr, sparse_candidate, sparse_form, sparse_product, switch_kernel
 
 ROUTERS_ATTR = "sparse_expansion_routers"  # ModuleDict attached to each expanded decoder block
 
@@ -27,7 +25,8 @@ class RoutedExperts(nn.Module):
 
     def _attach(self, router: Router) -> None:
         object.__setattr__(self, "_router", router)  # not a submodule: the block owns it
-        # Per-expert CSR copies for the CPU sparse kernels (set by `accelerate`); None: dense only.
+        # Per-expert sparse copies for the CPU kernels (set by `accelerate`, or all there is once compact); None:
+        # dense only.
         self.expert_kernels: list | None = None
 
     @property
@@ -64,36 +63,38 @@ class ExpertLinear(RoutedExperts):
 
     @property
     def compacted(self) -> bool:
-        """Only the experts' CSR copies are held (`compact`): the dense stack is a shape without storage."""
+        """Only the experts' sparse forms are held (`compact`): the dense stack is a shape without storage."""
         return getattr(self, "_compacted", False)
 
     def compact(self) -> bool:
-        """Keep only a CSR copy of every expert (about 45% of the dense fp32 bytes at 70% sparsity) and free
-        the dense stack; products use the kernel where its switch says so, else the expert decoded for the
-        call (exactly the dense product). Only fp32 CPU stacks whose every expert is sparse enough."""
+        """Keep only each expert's sparse form (bitmask + values in the stack's dtype, or CSR where that reads
+        fewer bytes: packed.choose_form) and free the dense stack; products use the kernel where its switch says
+        so, else the expert decoded for the call (exactly the dense product). Only CPU stacks whose every expert
+        is sparse enough."""
         if self.compacted:
             return True
-        if not all(csr_candidate(w) for w in self.weight):
+        if not all(sparse_candidate(w) for w in self.weight):
             return False
         if self.expert_kernels is None or any(k is None for k in self.expert_kernels):
-            self.expert_kernels = [CSRWeight(w) for w in self.weight]
-        # A stand-in with the stack's shape and no storage of its own (one zero, broadcast), so that shapes,
-        # dtype and `.to(cpu)` still work; saving is refused by the kind (describe).
+            self.expert_kernels = [sparse_form(w) for w in self.weight]
+        self.hold(self.expert_kernels)
+        return True
+
+    def hold(self, kernels: list) -> None:
+        """Hold these sparse forms of the experts as all there is of them (compact; loading builds them straight
+        from the file). A stand-in with the stack's shape and no storage of its own (one zero, broadcast) keeps
+        shapes, dtype and `.to(cpu)` working; saving is refused by the kind (describe)."""
+        self.expert_kernels = list(kernels)
         self.weight = nn.Parameter(torch.zeros(1, dtype=self.weight.dtype).expand(self.weight.shape),
                                    requires_grad=False)
         self._compacted = True
-        return True
 
     def expert_weight(self, expert: int) -> torch.Tensor:
-        return self.expert_kernels[expert].to_dense() if self.compacted else self.weight[expert]
+        return self.expert_kernels[expert].to_dense(self.weight.dtype) if self.compacted else self.weight[expert]
 
     def _expert_product(self, expert: int, x2d: torch.Tensor) -> torch.Tensor:
         kernel = self.expert_kernels[expert] if self.expert_kernels is not None else None
-        if self.compacted:
-            if kernel.use_sparse(x2d.shape[0]) and x2d.dtype == torch.float32 and not torch.is_grad_enabled():
-                return kernel.matmul(x2d.contiguous(), self.bias)
-            return F.linear(x2d, kernel.to_dense(), self.bias)
-        return sparse_product(kernel, x2d, self.weight[expert], self.bias)
+        return sparse_product(kernel, x2d, None if self.compacted else self.weight[expert], self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -130,8 +131,8 @@ def mean_nonzero_flops(weights: torch.Tensor) -> float:
     return sum(nonzero_flops(w) for w in weights) / weights.shape[0]
 
 
-def matrix_bytes_at_one_token(kernel: CSRWeight | None, weight: torch.Tensor) -> int:
-    """What one token reads of a matrix: its CSR arrays where the kernel runs at one token, else the matrix."""
+def matrix_bytes_at_one_token(kernel, weight: torch.Tensor) -> int:
+    """What one token reads of a matrix: its sparse form where the kernel runs at one token, else the matrix."""
     return kernel.bytes_at_one_token(weight) if kernel is not None else tensor_bytes(weight)
 
 
@@ -142,8 +143,8 @@ def mean_expert_bytes(kernels: list | None, weights: torch.Tensor) -> float:
 
 
 def csr_copies(weights: torch.Tensor, context: AccelerateContext) -> list:
-    """One CSR copy per matrix of a stack where the kernel has a chance, else None."""
-    return [prepare_csr(w, context) if csr_candidate(w) else None for w in weights]
+    """One sparse copy per matrix of a stack where the kernel has a chance, else None."""
+    return [prepare_csr(w, context) if sparse_candidate(w) else None for w in weights]
 
 
 def clear_router_memos(model: nn.Module) -> None:
@@ -202,12 +203,9 @@ class ExpertLinearKind(LayerKind):
     def accelerate(self, module: ExpertLinear, context: AccelerateContext) -> ExpertLinear:
         if context.mode == "off" or not context.cpu_kernels:
             return module
-        if module.compacted:  # the CSR copies exist: measure their switches on the decoded experts
+        if module.compacted:  # the sparse forms exist: measure their switches on the decoded experts
             for e, kernel in enumerate(module.expert_kernels):
-                if context.mode == "always":
-                    kernel.switch = ALWAYS
-                else:
-                    apply_switch(context.switches, kernel, module.expert_weight(e))
+                switch_kernel(kernel, lambda e=e: module.expert_weight(e), context)
             return module
         module.expert_kernels = csr_copies(module.weight, context)
         return module
@@ -219,8 +217,15 @@ class ExpertLinearKind(LayerKind):
         module.compact()
         return module
 
+    def packed_parameter(self, module: ExpertLinear) -> str | None:
+        return "weight"
+
+    def hold_packed(self, module: ExpertLinear, kernels: list) -> ExpertLinear:
+        module.hold(kernels)
+        return module
+
     def release(self, module: ExpertLinear) -> None:
-        module.expert_kernels = None  # a compact layer's CSR copies: the only storage it had left
+        module.expert_kernels = None  # a compact layer's sparse forms: the only storage it had left
         module._compacted = False
 
 

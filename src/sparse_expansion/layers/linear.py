@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .protocol import AccelerateContext, LayerKind, converters, register, tensor_bytes
+from .protocol import AccelerateContext, LayerKind, converters, holder, register, tensor_bytes
 
 
 def nonzero_flops(weight: torch.Tensor) -> float:
@@ -35,6 +35,12 @@ class LinearKind(LayerKind):
                 return converted
         return module
 
+    def packed_parameter(self, module: nn.Module) -> str | None:
+        return "weight" if type(module) is nn.Linear and holder(self.name) is not None else None
+
+    def hold_packed(self, module: nn.Module, kernels: list) -> nn.Module:
+        return holder(self.name)(module, kernels)
+
 
 class Conv1DKind(LinearKind):
     """GPT-2 style layers store the weight transposed as (in_features, out_features)."""
@@ -56,6 +62,9 @@ class Conv1DKind(LinearKind):
     def accelerate(self, module: nn.Module, context: AccelerateContext) -> nn.Module:
         return module  # no sparse kernel for the transposed layout (stays dense)
 
+    def packed_parameter(self, module: nn.Module) -> str | None:
+        return None
+
 
 class AcceleratedLinearKind(LinearKind):
     """A linear layer already switched to a faster form (a subclass of nn.Linear that keeps its dense weight):
@@ -65,6 +74,9 @@ class AcceleratedLinearKind(LinearKind):
 
     def accelerate(self, module: nn.Module, context: AccelerateContext) -> nn.Module:
         return module
+
+    def packed_parameter(self, module: nn.Module) -> str | None:
+        return None
 
 
 register(LinearKind())

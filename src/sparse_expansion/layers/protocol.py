@@ -90,6 +90,16 @@ class LayerKind:
         for a block whose tensors are being freed (back to meta): it keeps nothing and runs only once its
         tensors are loaded and the layer rebuilt. Default: it holds none."""
 
+    def packed_parameter(self, module: nn.Module) -> str | None:
+        """The parameter that loading for inference may hand over as sparse forms instead of a dense tensor
+        (`hold_packed`), or None. Default: none."""
+        return None
+
+    def hold_packed(self, module: nn.Module, kernels: list) -> nn.Module:
+        """The layer holding `kernels` (one sparse form per matrix of `packed_parameter`, layers/packed.py) as all
+        there is of that parameter: the module itself, or the one to use instead."""
+        raise NotImplementedError(f"{self.name} layers hold no sparse forms")
+
 
 @dataclass(frozen=True)
 class Converter:
@@ -104,6 +114,19 @@ class Converter:
 
 _REGISTRY: dict[str, LayerKind] = {}
 _CONVERTERS: dict[str, Converter] = {}
+_HOLDERS: dict[str, Callable[[nn.Module, list], nn.Module]] = {}
+
+
+def register_holder(source: str, hold: Callable[[nn.Module, list], nn.Module]) -> None:
+    """The layer that holds a `source` layer's weight in its sparse form only (a kind whose compact form is another
+    kind's, as a plain linear layer's is `SparseLinear`)."""
+    if source in _HOLDERS:
+        raise ValueError(f"a holder for {source!r} layers registered twice")
+    _HOLDERS[source] = hold
+
+
+def holder(source: str) -> Callable[[nn.Module, list], nn.Module] | None:
+    return _HOLDERS.get(source)
 
 
 def register(kind: LayerKind) -> LayerKind:

@@ -21,7 +21,7 @@ from .expert_linear import (
 from .linear import nonzero_flops
 from .protocol import AccelerateContext, LayerKind, register, tensor_bytes
 from .router import Router
-from .sparse_linear import csr_candidate, prepare_csr, sparse_product
+from .sparse_linear import prepare_csr, sparse_candidate, sparse_product
 
 
 class SelectiveExpertLinear(RoutedExperts):
@@ -149,7 +149,7 @@ class SelectiveExpertLinearKind(LayerKind):
         if context.mode == "off" or not context.cpu_kernels:
             return module
         shared = module.shared_weight
-        module.shared_kernel = prepare_csr(shared, context) if shared.numel() and csr_candidate(shared) else None
+        module.shared_kernel = prepare_csr(shared, context) if shared.numel() and sparse_candidate(shared) else None
         module.expert_kernels = csr_copies(module.expert_weight, context)
         return module
 

@@ -16,9 +16,12 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import UsageError
-from ..io.compressed import load_compressed
+from ..io.compressed import BitmaskTensor, load_compressed
 from ..io.model_dir import MANIFEST_FILE, read_manifest, state_dict_files, verify_weights, write_model_dir
+from ..kernels import native
+from ..layers.packed import packed_stack
 from ..layers.protocol import kind_named, kind_of
+from ..layers.sparse_linear import MIN_SPARSITY
 from ..runtime import first_line, release_memory
 
 __all__ = ["describe_layers", "empty_model", "load_model_dir", "meta_tensors", "rebuild_layers", "save_config",
@@ -124,6 +127,46 @@ def compact_layers(model: nn.Module, names: list[str]) -> None:
             kind.compact(module)
 
 
+def packable_weights(model: nn.Module) -> dict[str, tuple[str, object]]:
+    """Tensor name -> (module path, kind) of every parameter that loading for inference may hold in its sparse
+    form only (`LayerKind.packed_parameter`: pruned linear layers, expert stacks)."""
+    found = {}
+    for path, module in model.named_modules():
+        kind = kind_of(module)
+        parameter = kind.packed_parameter(module) if kind is not None else None
+        if parameter:
+            found[f"{path}.{parameter}" if path else parameter] = (path, kind)
+    return found
+
+
+def hold_packed(model: nn.Module, encoded: dict[str, BitmaskTensor], packable: dict, dtype: torch.dtype,
+                bits: int | None) -> dict[str, torch.Tensor]:
+    """Give each layer whose weight the file stores as a bitmask that weight's sparse forms (values in `dtype`, or
+    the codes of their grid for a `bits`-bit model), never decoded to dense. Returns, decoded, the tensors too
+    dense for the kernels (loaded as ordinary tensors)."""
+    dense = {}
+    for name, tensor in encoded.items():
+        path, kind = packable[name]
+        kernels = packed_stack(tensor.mask, tensor.values, tensor.shape, dtype, bits)
+        if any(1 - k.density < MIN_SPARSITY for k in kernels):
+            dense[name] = torch.stack([k.to_dense(dtype) for k in kernels]).reshape(tensor.shape)
+            continue
+        module = model.get_submodule(path)
+        held = kind.hold_packed(module, kernels)
+        if held is not module:
+            model.set_submodule(path, held)
+    return dense
+
+
+def _assign(model: nn.Module, state: dict, file: Path) -> None:
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise UsageError(f"{file} does not match {MANIFEST_FILE}: {first_line(exc)}") from None
+    if result.unexpected_keys:
+        raise UsageError(f"{file} has tensors the model does not: {', '.join(result.unexpected_keys[:3])}")
+
+
 def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remote_code: bool,
                       compact: bool = False):
     files = state_dict_files(path, manifest)
@@ -132,15 +175,14 @@ def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remo
         rebuild_layers(model, manifest.get("custom_layers", {}), dtype)
     except (KeyError, IndexError, AttributeError, TypeError) as exc:
         raise UsageError(f"{path / MANIFEST_FILE} does not match the model in config.json: {first_line(exc)}") from None
+    packable = packable_weights(model) if compact and native.available() else {}
     for name in files:  # one file, or one per block and one for the rest (a streamed build)
-        state = load_compressed(path / name)
-        try:
-            result = model.load_state_dict(state, strict=False, assign=True)
-        except RuntimeError as exc:
-            raise UsageError(f"{path / name} does not match {MANIFEST_FILE}: {first_line(exc)}") from None
-        if result.unexpected_keys:
-            raise UsageError(f"{path / name} has tensors the model does not: {', '.join(result.unexpected_keys[:3])}")
-        if compact and dtype == torch.float32:
+        state = load_compressed(path / name, keep_bitmask=packable.__contains__)
+        encoded = {key: state.pop(key) for key in list(state) if isinstance(state[key], BitmaskTensor)}
+        _assign(model, state, path / name)
+        if encoded:  # after the rest: a layer held packed keeps the bias loaded with it
+            _assign(model, hold_packed(model, encoded, packable, dtype, manifest.get("bits")), path / name)
+        if compact:
             compact_layers(model, list(state))  # this file's dense experts go before the next file is read
         del state
         if compact:
@@ -156,8 +198,9 @@ def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, trust_r
                    compact: bool = False):
     """Load any directory: this tool's (checksums verified, custom layers rebuilt) or a plain Hugging Face
     one. Returns (model, tokenizer, manifest or None). `compact` (inference only): layers whose kind has a
-    compressed form keep only that, file by file as they are read (an expanded model's experts as CSR
-    copies, not k dense copies of every FFN matrix)."""
+    compressed form keep only that, straight from the file where it stores them as bitmasks (pruned linear
+    layers and an expanded model's experts as bitmask + values in `dtype`, or their grid's codes for a `--bits`
+    model: no dense copy is ever made), else file by file as they are read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)

@@ -166,7 +166,7 @@ class StreamedStateDict:
             for name in names:
                 if name.startswith(prefix):
                     modules.setdefault(name.rsplit(".", 1)[0], set()).add(name)
-        compact = self.compact and self.dtype == torch.float32
+        compact = self.compact
         for names in modules.values():
             state = self._read(names.__contains__)
             result = self.model.load_state_dict(state, strict=False, assign=True)
