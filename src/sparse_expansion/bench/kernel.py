@@ -1,16 +1,18 @@
-"""Dense against sparse matrix-vector and matrix-matrix products on random weights (CPU).
+"""Dense against sparse matrix-vector and matrix-matrix products on random weights (CPU), in fp32, bf16 or
+fp16, and with the kept values on a 4- or 8-bit grid.
 
-Candidates: dense torch (`F.linear`), torch CSR with int32 indices, scipy CSR, and our own kernel
-(`csr_kernels.c`, CSR with 16-bit column indices). `layer` is what a model runs: a `SparseLinear` that
-takes our kernel or the dense product according to the switch it measured for its shape; it is
-compared with `dense_layer`, the same `nn.Linear` without the sparse path. Each is timed
-as the median over repeated blocks of calls. `speedup` is the dense layer's time over the sparse
-layer's, for one token; `kernel_speedup` is dense over our kernel alone (below 1 where the layer falls
-back to dense).
+Candidates: dense torch (`F.linear`) in the weight's dtype; our kernel in the form a model would hold
+(`kernel`: bitmask + values, the grid's codes with `bits`, or CSR where that reads fewer bytes); for plain fp32
+also both of our forms (`bitmask_kernel`, `csr_kernel`: the measurement behind the choice), torch CSR with int32
+indices and scipy CSR. `layer` is what a model runs: a `SparseLinear` that takes our kernel or the dense product
+according to the switch it measured for its shape; it is compared with `dense_layer`, the same `nn.Linear`
+without the sparse path. Each is timed as the median over repeated blocks of calls. `speedup` is the dense
+layer's time over the sparse layer's, for one token; `kernel_speedup` is dense over our kernel alone (below 1
+where the layer falls back to dense).
 
 The physical limit: a one-token product is bound by memory traffic, so next to each time the result
-gives the bytes it must read (weights, indices, input and output) and the time those bytes take at the
-machine's read bandwidth, measured in the same process.
+gives the bytes it must read (weights, indices or mask, input and output) and the time those bytes take at the
+machine's read bandwidth, measured in the same process; `bandwidth_fraction` is that limit over our kernel's time.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from torch import nn
 from ..errors import UsageError
 from ..kernels import native
 from ..kernels.timing import paired_medians_ms
-from ..layers.sparse_linear import CSRWeight, SparseLinear, SwitchCache, apply_switch
+from ..layers.packed import PackedWeight
+from ..layers.sparse_linear import CSRWeight, SparseLinear, SwitchCache, apply_switch, sparse_form
+from ..pruning.quantization import ChannelQuantizer
+from ..runtime import parse_dtype
 from ..settings import SettingError
 
 
@@ -41,70 +46,109 @@ def read_bandwidth_gbs(megabytes: int = 1024, min_run_time: float = 0.5) -> floa
     return buffer.numel() * 4 / seconds / 1e9
 
 
-def product_bytes(rows: int, cols: int, nnz: int, index_bytes: int, tokens: int = 1) -> dict[str, int]:
-    """Bytes one product must move: the weight in each form, plus the tokens' input and output."""
-    activations = 4 * tokens * (rows + cols)
-    return {"dense": 4 * rows * cols + activations,
+def product_bytes(rows: int, cols: int, nnz: int, index_bytes: int, tokens: int = 1, itemsize: int = 4) -> dict[str, int]:
+    """Bytes one product must move: the weight in dense and CSR form (fp32 values), plus the tokens' input and
+    output in the activations' dtype."""
+    activations = itemsize * tokens * (rows + cols)
+    return {"dense": itemsize * rows * cols + activations,
             "csr": nnz * (4 + index_bytes) + 8 * (rows + 1) + activations}
 
 
+def on_grid(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """A pruned fp32 weight with every kept value moved to its row's `bits`-bit grid (what `--bits` pruning
+    stores), zeros kept."""
+    quantizer = ChannelQuantizer(bits).fit(weight)
+    scale, zero = quantizer.scale.unsqueeze(1), quantizer.zero.unsqueeze(1)
+    grid = scale * (torch.clamp(torch.round(weight / scale) + zero, 0, quantizer.maxq) - zero)
+    return grid * (weight != 0)
+
+
+def _sparse_forms(weight: torch.Tensor, bits: int | None) -> dict:
+    """Our kernel in the form a model would hold (`kernel`) and, for plain fp32, both forms it chooses between."""
+    forms = {"kernel": sparse_form(weight, bits)}
+    if weight.dtype == torch.float32 and bits is None:
+        forms.update(bitmask_kernel=PackedWeight.from_dense(weight), csr_kernel=CSRWeight(weight))
+    return forms
+
+
 def kernel_benchmark(rows: int, cols: int, sparsity: float, batch: int = 128, min_run_time: float = 0.5,
-                     seed: int = 0) -> dict:
-    """Dense against sparse products of a random `rows` x `cols` weight with `sparsity` zeros, at 1 and `batch`
-    tokens (the sizes and the sparsity as BenchSettings checks them)."""
+                     seed: int = 0, dtype: str = "float32", bits: int | None = None) -> dict:
+    """Dense against sparse products of a random `rows` x `cols` weight with `sparsity` zeros, in `dtype` (its kept
+    values on a `bits`-bit grid, held as codes, when given), at 1 and `batch` tokens (the sizes and the sparsity
+    as BenchSettings checks them)."""
     import scipy.sparse
 
+    torch_dtype = parse_dtype(dtype)
     weight = random_sparse_weight(rows, cols, sparsity, seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        csr = weight.to_sparse_csr()
-        torch_csr = torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
-                                            csr.values(), size=weight.shape, check_invariants=False)
-    scipy_csr = scipy.sparse.csr_matrix(weight.numpy())
-    nnz = int(csr.values().numel())
+    if bits is not None:
+        weight = on_grid(weight, bits)
+    weight = weight.to(torch_dtype)
+    nnz = int(torch.count_nonzero(weight))
+    plain = torch_dtype == torch.float32 and bits is None  # torch's and scipy's CSR serve plain fp32
     result = {"rows": rows, "cols": cols, "sparsity": sparsity, "batch": batch, "nnz": nnz,
-              "threads": torch.get_num_threads(), "kernel_available": native.available()}
-    own = None
+              "dtype": str(torch_dtype).split(".")[-1], "bits": bits, "threads": torch.get_num_threads(),
+              "kernel_available": native.available()}
+    forms, layer = {}, None
     if result["kernel_available"]:
-        own = CSRWeight(weight)
-        linear = nn.Linear(cols, rows, bias=False)
+        forms = _sparse_forms(weight, bits)
+        result["form"] = "csr" if isinstance(forms["kernel"], CSRWeight) else "bitmask"
+        result["held_bits"] = getattr(forms["kernel"], "bits", None)
+        linear = nn.Linear(cols, rows, bias=False, dtype=torch_dtype)
         linear.weight.data = weight
         # The switch is measured at 1 token and at the batch size of this benchmark only.
-        apply_switch(SwitchCache(batch_sizes=tuple(sorted({1, batch}))), own, weight)
-        layer = SparseLinear(linear, own)
+        apply_switch(SwitchCache(batch_sizes=tuple(sorted({1, batch}))), forms["kernel"], weight)
+        layer = SparseLinear(linear, forms["kernel"])
     else:
         result["kernel_unavailable_reason"] = native.unavailable_reason()
+    if plain:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = weight.to_sparse_csr()
+            torch_csr = torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
+                                                csr.values(), size=weight.shape, check_invariants=False)
+        scipy_csr = scipy.sparse.csr_matrix(weight.numpy())
     result["bandwidth_gbs"] = read_bandwidth_gbs()
-    index_bytes = own.col.element_size() if own is not None else 2
+    itemsize = weight.element_size()
+    tolerance = 1e-4 if torch_dtype == torch.float32 else 2e-2
     for label, tokens in (("single", 1), ("batched", batch)):
-        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(seed + 1))
-        xt = x.t().contiguous()
-        xn = xt.numpy()
-        expected = F.linear(x, weight)
-        sparse = {"torch_csr": lambda: torch_csr @ xt, "scipy_csr": lambda: scipy_csr @ xn}
-        outputs = {"torch_csr": (torch_csr @ xt).t(), "scipy_csr": torch.from_numpy(scipy_csr @ xn).t()}
-        if own is not None:
-            sparse["kernel"] = lambda: own.matmul(x)
-            outputs["kernel"] = own.matmul(x)
-        for name, out in outputs.items():
-            if not torch.allclose(out, expected, rtol=1e-4, atol=1e-3):
+        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(seed + 1)).to(torch_dtype)
+        expected = F.linear(x.float(), weight.float())
+        sparse = {name: (lambda form=form: form.matmul(x)) for name, form in forms.items()}
+        if plain:
+            xt = x.t().contiguous()
+            xn = xt.numpy()
+            sparse.update(torch_csr=lambda: torch_csr @ xt, scipy_csr=lambda: scipy_csr @ xn)
+        for name, fn in sparse.items():
+            out = fn()
+            out = torch.from_numpy(out) if not isinstance(out, torch.Tensor) else out
+            out = out.t() if name in ("torch_csr", "scipy_csr") else out
+            if not torch.allclose(out.float(), expected, rtol=tolerance, atol=tolerance * cols ** 0.5):
                 raise RuntimeError(f"{name} disagrees with the dense product")
         references = {"dense": lambda: F.linear(x, weight)}
-        if own is not None:
+        if layer is not None:
             # Layer against layer: both pay the nn.Module call, so the ratio is what a model sees.
             references.update(dense_layer=lambda: linear(x), layer=lambda: layer(x))
         with torch.no_grad():
             medians = paired_medians_ms({**sparse, **references}, min_run_time)
         timings = {f"{name}_ms": ms for name, ms in medians.items()}
-        if own is not None:
-            timings["layer_uses_kernel"] = own.use_sparse(tokens)
+        if layer is not None:
+            timings["layer_uses_kernel"] = forms["kernel"].use_sparse(tokens)
         for name in sparse:
             timings[f"{name}_speedup"] = timings["dense_ms"] / timings[f"{name}_ms"]
         timings["speedup"] = timings.get("dense_layer_ms", 1.0) / timings.get("layer_ms", 1.0)
-        moved = product_bytes(rows, cols, nnz, index_bytes, tokens)
-        timings["dense_bytes"], timings["csr_bytes"] = moved["dense"], moved["csr"]
+        moved = product_bytes(rows, cols, nnz, 2 if cols <= native.UINT16_COLUMNS else 4, tokens, itemsize)
+        activations = itemsize * tokens * (rows + cols)
+        timings["dense_bytes"] = moved["dense"]
         timings["dense_limit_ms"] = moved["dense"] / result["bandwidth_gbs"] / 1e6
-        timings["csr_limit_ms"] = moved["csr"] / result["bandwidth_gbs"] / 1e6
+        if plain:
+            timings["csr_bytes"] = moved["csr"]
+            timings["csr_limit_ms"] = moved["csr"] / result["bandwidth_gbs"] / 1e6
+        for name, form in forms.items():
+            prefix = "sparse" if name == "kernel" else name.removesuffix("_kernel")
+            timings[f"{prefix}_bytes"] = form.nbytes + activations
+            timings[f"{prefix}_limit_ms"] = timings[f"{prefix}_bytes"] / result["bandwidth_gbs"] / 1e6
+        if "kernel_ms" in timings:
+            timings["bandwidth_fraction"] = timings["sparse_limit_ms"] / timings["kernel_ms"]
         result[label] = timings
     result["speedup"] = result["single"]["speedup"]
     result["kernel_speedup"] = result["single"].get("kernel_speedup")

@@ -5,10 +5,12 @@ Decode: greedy steps of one token each with the KV cache, after a prefill that f
 Each measurement alternates baseline and candidate and keeps the median of `repeats`, so slow drift
 of the machine affects both alike.
 
-With `kernels="auto"` both models get the CPU sparse kernels where they measured faster (the dense
-baseline has no pruned layer, so it stays dense). The physical limit of decoding: every token must read
-the weights it uses once (the CSR form where a layer runs sparse at one token, one expert per router),
-so `decode_limit_tokens_per_s` = measured read bandwidth / those bytes.
+Both models are loaded for inference in `dtype` (fp32, bf16 or fp16): pruned layers and experts held in their
+sparse form only, straight from the file (bitmask + values, or a `--bits` grid's codes). With `kernels="auto"`
+they use the CPU sparse kernels where those measured faster (the dense baseline has no pruned layer, so it stays
+dense). The physical limit of decoding: every token must read the weights it uses once (the sparse form where a
+layer runs sparse at one token, one expert per router), so `decode_limit_tokens_per_s` = measured read bandwidth
+/ `decode_bytes_per_token`, and `bandwidth_fraction` is the measured decode rate over that limit.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ def _decode_seconds(model, ids: torch.Tensor, steps: int) -> float:
 
 
 def model_benchmark(model: str, baseline: str | None = None, prompt_tokens: int = 128, new_tokens: int = 32,
-                    repeats: int = 3, seed: int = 0, kernels: str = "auto") -> dict:
+                    repeats: int = 3, seed: int = 0, kernels: str = "auto", dtype: str = "float32") -> dict:
     """`prompt_tokens`, `new_tokens` and `repeats` as BenchSettings checks them (at least 1)."""
-    candidate = load_model(model, quiet=True)
-    reference = load_model(baseline, quiet=True)
+    candidate = load_model(model, dtype=dtype, quiet=True, compact=True)
+    reference = load_model(baseline, dtype=dtype, quiet=True, compact=True)
     kernel_reports = {name: accelerate(loaded.model, kernels)
                       for name, loaded in (("baseline", reference), ("model", candidate))}
     vocab = min(candidate.model.config.vocab_size, reference.model.config.vocab_size)
@@ -65,6 +67,7 @@ def model_benchmark(model: str, baseline: str | None = None, prompt_tokens: int 
             times[name]["decode"].append(_decode_seconds(loaded.model, ids, new_tokens))
     result = {"model": str(model), "baseline": reference.source, "prompt_tokens": prompt_tokens,
               "new_tokens": new_tokens, "repeats": repeats, "threads": torch.get_num_threads(), "kernels": kernels,
+              "dtype": dtype,
               "bandwidth_gbs": read_bandwidth_gbs()}
     for name, loaded in (("baseline", reference), ("model", candidate)):
         prefill = statistics.median(times[name]["prefill"])
@@ -79,6 +82,8 @@ def model_benchmark(model: str, baseline: str | None = None, prompt_tokens: int 
                         "kernel_switch": kernel_reports[name]["switch"]}
         result[name]["decode_limit_tokens_per_s"] = (result["bandwidth_gbs"] * 1e9
                                                      / result[name]["decode_bytes_per_token"])
+        result[name]["bandwidth_fraction"] = (result[name]["decode_tokens_per_s"]
+                                              / result[name]["decode_limit_tokens_per_s"])
     result["prefill_speedup"] = result["model"]["prefill_tokens_per_s"] / result["baseline"]["prefill_tokens_per_s"]
     result["decode_speedup"] = result["model"]["decode_tokens_per_s"] / result["baseline"]["decode_tokens_per_s"]
     # Both models live in this process: the peak covers the pair.

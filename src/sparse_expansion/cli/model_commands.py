@@ -14,6 +14,7 @@ from ..models import load_model
 from ..models.loading import check_model_spec
 from ..workflow.generate import run_generate
 from ..workflow.jobs import open_session_for
+from ..workflow.report import machine_environment
 from ..workflow.session import RunSettings
 from ..workflow.settings import (
     BenchSettings,
@@ -63,7 +64,7 @@ def run_lm_eval(parsed: Parsed) -> int:
     manager = zero_shot.task_manager(chosen.include_path)  # unknown tasks fail before the model loads
     tasks = zero_shot.check_tasks(manager, chosen.tasks)
     loaded = load_model(model.model, dtype=model.dtype, device=model.device, trust_remote_code=model.trust_remote_code,
-                        quiet=model.quiet)
+                        quiet=model.quiet, compact=True)
     result = zero_shot.run_lm_eval(loaded, tasks, include_path=chosen.include_path, limit=chosen.limit,
                                    batch_size=chosen.batch_size, num_fewshot=chosen.num_fewshot, device=model.device,
                                    manager=manager, quiet=model.quiet)
@@ -80,9 +81,10 @@ def run_bench(parsed: Parsed) -> int:
     bench.check_device(device)
     if output.json:
         check_output_path(output.json, overwrite=True)
+    dtype = parsed.get(RunSettings).dtype
     if bench.model:
         result = model_benchmark(bench.model, bench.baseline, bench.prompt_tokens, bench.new_tokens, bench.repeats,
-                                 kernels=kernels)
+                                 kernels=kernels, dtype=dtype)
         present.model_bench(result)
     elif bench.activation_sparsity is not None:
         result = activation_benchmark(bench.rows, bench.cols, bench.activation_sparsity, batch=bench.batch)
@@ -91,8 +93,10 @@ def run_bench(parsed: Parsed) -> int:
         result = semi_structured_benchmark(bench.rows, bench.cols, batch=bench.batch)
         present.semi_structured_bench(result, bench)
     else:
-        result = kernel_benchmark(bench.rows, bench.cols, bench.weight_sparsity, batch=bench.batch)
+        result = kernel_benchmark(bench.rows, bench.cols, bench.weight_sparsity, batch=bench.batch, dtype=dtype,
+                                  bits=bench.bits)
         present.kernel_bench(result, bench)
+    result["environment"] = machine_environment()
     if output.json:
         atomic_write_text(output.json, json.dumps(result, indent=2) + "\n")
     return 0
@@ -103,7 +107,7 @@ COMMANDS = [
         Group(GenerateSettings, "generation", required=("prompt",)), Group(RunSettings, MODEL, only=MODEL_ONLY),
         Group(InferenceSettings, MODEL)), run_generate_command),
     Command("bench", "speed: a model against a dense baseline (--model), or kernels (--kernel)", (
-        Group(BenchSettings, "benchmark"), Group(RunSettings, MODEL, only=("device", "quiet")),
+        Group(BenchSettings, "benchmark"), Group(RunSettings, MODEL, only=("device", "dtype", "quiet")),
         Group(InferenceSettings, MODEL), JSON), run_bench),
     Command("eval", "perplexity of a model", (
         Group(EvalSettings, "evaluation"), Group(RunSettings, "model and data", exclude=("scope",)), JSON), run_eval),

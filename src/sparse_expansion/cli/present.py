@@ -94,8 +94,11 @@ def law(result: dict, out: str) -> None:
 def model_bench(result: dict) -> None:
     for name in ("baseline", "model"):
         r = result[name]
-        print(f"{name}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s, "
-              f"disk {r['disk_bytes'] or 0:,} bytes, parameters {r['parameter_bytes']:,} bytes")
+        print(f"{name} ({result['dtype']}): prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode "
+              f"{r['decode_tokens_per_s']:.1f} tok/s, reading {r['decode_bytes_per_token']:,} bytes a token: "
+              f"{r['bandwidth_fraction']:.0%} of the bandwidth limit ({r['decode_limit_tokens_per_s']:.1f} tok/s at "
+              f"{result['bandwidth_gbs']:.1f} GB/s); disk {r['disk_bytes'] or 0:,} bytes, parameters "
+              f"{r['parameter_bytes']:,} bytes")
     print(f"speedup: prefill {result['prefill_speedup']:.2f}x, decode {result['decode_speedup']:.2f}x; "
           f"peak RSS {result['peak_rss_mb']:.0f} MB (both models)")
 
@@ -121,12 +124,17 @@ def semi_structured_bench(result: dict, bench) -> None:
 
 def kernel_bench(result: dict, bench) -> None:
     sparsity = bench.weight_sparsity
+    what = result["dtype"] + (f", {result['bits']}-bit grid" if result["bits"] else "")
     for label, tokens in (("single", 1), ("batched", bench.batch)):
         t = result[label]
-        kernel = f"kernel {t['kernel_ms']:.3f} ms, layer {t['layer_ms']:.3f} ms, " if "kernel_ms" in t else ""
-        print(f"{bench.rows}x{bench.cols} at {sparsity:.0%}, {tokens} token(s): dense {t['dense_ms']:.3f} ms, "
-              f"torch CSR {t['torch_csr_ms']:.3f} ms, scipy CSR {t['scipy_csr_ms']:.3f} ms, {kernel}"
-              f"speedup {t['speedup']:.2f}x (memory-bound limit: dense {t['dense_limit_ms']:.3f} ms, "
-              f"CSR {t['csr_limit_ms']:.3f} ms at {result['bandwidth_gbs']:.1f} GB/s)")
+        others = "".join(f"{title} {t[key + '_ms']:.3f} ms, " for key, title in (
+            ("torch_csr", "torch CSR"), ("scipy_csr", "scipy CSR"), ("bitmask_kernel", "our bitmask"),
+            ("csr_kernel", "our CSR")) if key + "_ms" in t)
+        kernel = (f"kernel ({result['form']}) {t['kernel_ms']:.3f} ms, layer {t['layer_ms']:.3f} ms, "
+                  if "kernel_ms" in t else "")
+        limit = f", sparse {t['sparse_limit_ms']:.3f} ms" if "sparse_limit_ms" in t else ""
+        print(f"{bench.rows}x{bench.cols} at {sparsity:.0%} ({what}), {tokens} token(s): dense {t['dense_ms']:.3f} "
+              f"ms, {others}{kernel}speedup {t['speedup']:.2f}x (memory-bound limit: dense {t['dense_limit_ms']:.3f} "
+              f"ms{limit} at {result['bandwidth_gbs']:.1f} GB/s)")
     if not result["kernel_available"]:
         print(f"sparse kernel unavailable: {result['kernel_unavailable_reason']}")

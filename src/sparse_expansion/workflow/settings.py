@@ -161,8 +161,9 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    kernels: str = setting("auto", "auto: pruned fp32 layers on the CPU use the sparse kernels wherever they "
-                                   "measured faster than dense; always: sparse kernels at every size; off: dense only",
+    kernels: str = setting("auto", "auto: pruned layers on the CPU (fp32, bf16, fp16, or a --bits grid) use the "
+                                   "sparse kernels wherever they measured faster than dense; always: sparse kernels "
+                                   "at every size; off: dense only",
                            choices=("auto", "always", "off"))
 
     def __post_init__(self):
@@ -182,6 +183,7 @@ class GenerateSettings:
 
 
 KERNEL_SPARSITY = 0.7  # bench --kernel's weight sparsity when none is given
+KERNEL_BITS = (4, 8)  # the grids the kernels hold as codes
 
 
 @dataclass(frozen=True)
@@ -201,9 +203,14 @@ class BenchSettings:
         None, "--kernel: a thresholded down projection (--rows outputs, --cols neurons) with this fraction of its "
               "inputs below threshold, instead of a pruned weight", Interval(0, 1, closed_low=True, open_high=True))
     batch: int = setting(128, "tokens in the batched case", AtLeast(1))
+    bits: int | None = setting(None, "--kernel: the weight's kept values on a B-bit grid (as `prune --bits` stores "
+                                     "them), held and multiplied as codes", metavar="B", choices=KERNEL_BITS)
 
     def __post_init__(self):
         check_fields(self)
+        if self.bits is not None and (not self.kernel or self.activation_sparsity is not None):
+            raise SettingError("bits", "{bits} applies to {kernel} with a pruned weight (a {model} is measured as it "
+                                       "was saved)")
         if self.kernel == bool(self.model):
             raise SettingError("kernel", "bench needs exactly one of {kernel} or {model} DIR")
         if self.kernel and self.baseline is not None:
@@ -223,9 +230,9 @@ class BenchSettings:
             raise SettingError("device", "{device} applies to {kernel}; bench {model} runs on the CPU")
         if self.activation_sparsity is not None:
             raise SettingError("device", "{activation_sparsity} measures the CPU kernel; drop {device}")
-        if self.sparsity is not None:
+        if self.sparsity is not None or self.bits is not None:
             raise SettingError("device", f"{{device}} {device} measures 2:4 (50%) semi-structured products; "
-                                         "drop {sparsity}")
+                                         "drop {sparsity} and {bits}")
 
     @property
     def weight_sparsity(self) -> float:
