@@ -46,7 +46,8 @@ def read_bandwidth_gbs(megabytes: int = 1024, min_run_time: float = 0.5) -> floa
     return buffer.numel() * 4 / seconds / 1e9
 
 
-def product_bytes(rows: int, cols: int, nnz: int, index_bytes: int, tokens: int = 1, itemsize: int = 4) -> dict[str, int]:
+def product_bytes(rows: int, cols: int, nnz: int, index_bytes: int, tokens: int = 1,
+                  itemsize: int = 4) -> dict[str, int]:
     """Bytes one product must move: the weight in dense and CSR form (fp32 values), plus the tokens' input and
     output in the activations' dtype."""
     activations = itemsize * tokens * (rows + cols)
