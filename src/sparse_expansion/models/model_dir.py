@@ -140,13 +140,17 @@ def packable_weights(model: nn.Module) -> dict[str, tuple[str, object]]:
 
 
 def hold_packed(model: nn.Module, encoded: dict[str, BitmaskTensor], packable: dict, dtype: torch.dtype,
-                bits: int | None) -> dict[str, torch.Tensor]:
+                bits: int | None, file: Path) -> dict[str, torch.Tensor]:
     """Give each layer whose weight the file stores as a bitmask that weight's sparse forms (values in `dtype`, or
     the codes of their grid for a `bits`-bit model), never decoded to dense. Returns, decoded, the tensors too
     dense for the kernels (loaded as ordinary tensors)."""
     dense = {}
     for name, tensor in encoded.items():
         path, kind = packable[name]
+        expected = tuple(model.get_parameter(name).shape)
+        if tuple(tensor.shape) != expected:
+            raise UsageError(f"{file} does not match {MANIFEST_FILE}: {name} has shape {list(tensor.shape)}, the model "
+                             f"{list(expected)}")
         kernels = packed_stack(tensor.mask, tensor.values, tensor.shape, dtype, bits)
         if any(1 - k.density < MIN_SPARSITY for k in kernels):
             dense[name] = torch.stack([k.to_dense(dtype) for k in kernels]).reshape(tensor.shape)
@@ -181,7 +185,8 @@ def _state_dict_model(path: Path, manifest: dict, dtype: torch.dtype, trust_remo
         encoded = {key: state.pop(key) for key in list(state) if isinstance(state[key], BitmaskTensor)}
         _assign(model, state, path / name)
         if encoded:  # after the rest: a layer held packed keeps the bias loaded with it
-            _assign(model, hold_packed(model, encoded, packable, dtype, manifest.get("bits")), path / name)
+            _assign(model, hold_packed(model, encoded, packable, dtype, manifest.get("bits"), path / name),
+                    path / name)
         if compact:
             compact_layers(model, list(state))  # this file's dense experts go before the next file is read
         del state
