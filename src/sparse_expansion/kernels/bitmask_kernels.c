@@ -180,6 +180,16 @@ DEFINE_ROW_DOT(F16, LOAD8_F16, 0)
 DEFINE_ROW_DOT(Q8, LOAD8_Q8, 1)
 DEFINE_ROW_DOT(Q4, LOAD8_Q4, 1)
 
+/* One specialised loop per value kind. */
+#define BY_VALUE_KIND(LOOP)                                                                            \
+    switch (value_kind) {                                                                             \
+    case VALUE_BF16: LOOP(BF16) break;                                                                \
+    case VALUE_F16: LOOP(F16) break;                                                                  \
+    case VALUE_Q8: LOOP(Q8) break;                                                                    \
+    case VALUE_Q4: LOOP(Q4) break;                                                                    \
+    default: LOOP(F32) break;                                                                         \
+    }
+
 /* x (cols) into fp32, zero-padded to words * 64: the vector path reads whole mask words of x. */
 static float* padded_input(const void* x, int kind, int64_t cols, int64_t words) {
     float* xf = aligned_alloc(64, (size_t)words * 64 * sizeof(float));
@@ -204,13 +214,7 @@ int bm_matvec(int value_kind, int64_t rows, int64_t cols, int64_t words, const u
               int x_kind, const float* bias, void* y, int y_kind) {
     float* xf = padded_input(x, x_kind, cols, words);
     if (!xf) return 1;
-    switch (value_kind) {
-    case VALUE_BF16: ROW_LOOP(BF16) break;
-    case VALUE_F16: ROW_LOOP(F16) break;
-    case VALUE_Q8: ROW_LOOP(Q8) break;
-    case VALUE_Q4: ROW_LOOP(Q4) break;
-    default: ROW_LOOP(F32) break;
-    }
+    BY_VALUE_KIND(ROW_LOOP)
     free(xf);
     return 0;
 }
@@ -264,13 +268,7 @@ int bm_matmul(int value_kind, int64_t rows, int64_t cols, int64_t words, int64_t
                 dst[t] = (b < batch && c < cols) ? io_load(x, x_kind, b * cols + c) : 0.f;
             }
         }
-    switch (value_kind) {
-    case VALUE_BF16: BLOCK_LOOP(BF16) break;
-    case VALUE_F16: BLOCK_LOOP(F16) break;
-    case VALUE_Q8: BLOCK_LOOP(Q8) break;
-    case VALUE_Q4: BLOCK_LOOP(Q4) break;
-    default: BLOCK_LOOP(F32) break;
-    }
+    BY_VALUE_KIND(BLOCK_LOOP)
     free(xt);
     return 0;
 }
@@ -295,11 +293,5 @@ void bm_decode(int value_kind, int64_t rows, int64_t cols, int64_t words, const 
                const int64_t* rowoff, const void* values, const float* scale, const float* zero, void* out,
                int out_kind) {
     const int64_t out_size = out_kind == IO_F32 ? 4 : 2;
-    switch (value_kind) {
-    case VALUE_BF16: DECODE_LOOP(BF16) break;
-    case VALUE_F16: DECODE_LOOP(F16) break;
-    case VALUE_Q8: DECODE_LOOP(Q8) break;
-    case VALUE_Q4: DECODE_LOOP(Q4) break;
-    default: DECODE_LOOP(F32) break;
-    }
+    BY_VALUE_KIND(DECODE_LOOP)
 }
