@@ -84,14 +84,14 @@ def test_sparse_linear_matches_its_dense_layer_and_falls_back():
     with torch.no_grad():
         linear.weight.copy_(sparse_matrix(24, 48, 0.8))
     layer = SparseLinear(linear, CSRWeight(linear.weight))
-    layer.csr.switch = ALWAYS_SPARSE
+    layer.kernel.switch = ALWAYS_SPARSE
     x = torch.randn(2, 5, 48)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), linear(x))
-        layer.csr.switch = [(2 ** 20, False)]
+        layer.kernel.switch = [(2 ** 20, False)]
         assert torch.equal(layer(x), linear(x))  # the dense fallback is the very same product
     # With gradients enabled the layer must stay differentiable: dense path.
-    layer.csr.switch = ALWAYS_SPARSE
+    layer.kernel.switch = ALWAYS_SPARSE
     y = layer(x.requires_grad_())
     y.sum().backward()
     assert x.grad is not None

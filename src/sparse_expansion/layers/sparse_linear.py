@@ -179,10 +179,6 @@ class SparseLinear(nn.Linear):
         self.kernel = kernel
 
     @property
-    def csr(self):  # the name older callers know
-        return self.kernel
-
-    @property
     def compacted(self) -> bool:
         return getattr(self, "_compacted", False)
 
